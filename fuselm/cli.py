@@ -1,0 +1,259 @@
+"""``fuselm`` command line: the only layer that wires stages to configs and run directories.
+
+Every stage runner has the signature ``run(cfg: PipelineConfig, run_dir: Path, force: bool)``
+and lives in its stage module; this file only parses arguments, loads the config, takes the
+run-directory lock and reports errors as one readable line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fuselm import __version__
+from fuselm.artifacts import Stage, StageError, ensure_run_dir, run_lock
+from fuselm.config import ConfigError, PipelineConfig, load_config
+
+log = logging.getLogger("fuselm")
+
+EXIT_ERROR = 1
+EXIT_NOT_IMPLEMENTED = 3
+
+
+# name -> (module:function or None while not implemented, one-line help, issue that adds it)
+STAGES: dict[str, tuple[str | None, str, str]] = {
+    "prepare": (
+        "fuselm.corpus:run_prepare",
+        "read the corpus, cut blocks that fit every model, hold out a validation split",
+        "",
+    ),
+    "capture": (None, "run each source once, store its top-k next-token log-probs", "#3"),
+    "align": (None, "map each source's distributions onto the target's tokens and vocab", "#4"),
+    "train": (None, "continually train the target on λ·CLM + (1−λ)·fusion", "#5"),
+    "eval": (None, "bits per byte per domain: sources, target, control, fused target", "#6"),
+    "report": (None, "write report.md and plots of a run", "#6"),
+}
+
+
+class NotImplementedStage(RuntimeError):
+    """A stage whose issue has not landed yet."""
+
+
+def _runner(name: str) -> Callable[[PipelineConfig, Path, bool], Any]:
+    target, _, issue = STAGES[name]
+    if target is None:
+        raise NotImplementedStage(f"fuselm {name}: not implemented yet (tracked in issue {issue})")
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _resolve_run_dir(args: argparse.Namespace, cfg: PipelineConfig) -> Path:
+    run_dir = args.run_dir or cfg.run_dir
+    if not run_dir:
+        raise ConfigError("no run directory: pass --run-dir DIR or set run_dir in the config")
+    return Path(run_dir).expanduser().resolve()
+
+
+def _run_stages(names: list[str], args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    run_dir = _resolve_run_dir(args, cfg)
+    # Under torchrun/accelerate every rank runs this; rank 0 owns the lock and the marker.
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0:
+        ensure_run_dir(run_dir)
+    with run_lock(run_dir) if rank0 else contextlib.nullcontext():
+        for name in names:
+            try:
+                runner = _runner(name)
+            except NotImplementedStage as e:
+                if len(names) > 1:  # `fuselm run`: do what exists, say what does not
+                    log.info("%s; stopping here", e)
+                    break
+                raise
+            log.info("%s: starting (run dir %s)", name, run_dir)
+            manifest = runner(cfg, run_dir, args.force)
+            _print_summary(name, run_dir, manifest)
+    return 0
+
+
+def _print_summary(name: str, run_dir: Path, manifest: dict[str, Any]) -> None:
+    stats = manifest.get("stats", {})
+    if name == "prepare" and stats:
+        print(
+            f"prepare: {stats['documents']} documents ({stats['documents_validation']} held out), "
+            f"{stats['blocks']} blocks ({stats['blocks_validation']} held out), "
+            f"{stats['characters']:,} characters; skipped {stats['skipped_empty']} empty and "
+            f"{stats['skipped_binary']} binary files"
+        )
+        for dom, d in stats.get("domains", {}).items():
+            print(
+                f"  domain {dom}: {d['documents']} documents, "
+                f"{d.get('blocks_train', 0)}+{d.get('blocks_validation', 0)} blocks, "
+                f"{d['characters']:,} characters"
+            )
+        for tok, n in stats.get("tokens", {}).items():
+            print(
+                f"  tokenizer {tok}: {n:,} tokens, longest block "
+                f"{stats['max_block_tokens'][tok]} <= limit {stats['token_limits'][tok]}"
+            )
+    print(f"{name}: output in {run_dir / name}")
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    return _run_stages([args.command], args)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return _run_stages(list(STAGES), args)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise StageError(f"{run_dir} does not exist")
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    print(f"run dir {run_dir.resolve()}")
+    for name in STAGES:
+        for sub in _stage_dirs(run_dir, name, cfg):
+            components = _current_components(sub, cfg) if cfg is not None else None
+            st = Stage(run_dir, sub).status(components)
+            detail = f"  ({st.detail})" if st.detail else ""
+            print(f"  {sub:<24} {st.state}{detail}")
+    if cfg is None:
+        print("(pass --config run.yaml to also detect stages made stale by config/input edits)")
+    return 0
+
+
+def _stage_dirs(run_dir: Path, name: str, cfg: PipelineConfig | None) -> list[str]:
+    """Stage folder names; per-source stages have one folder per source."""
+    if name not in ("capture", "align"):
+        return [name]
+    if cfg is not None:
+        return [f"{name}/{m.resolved_name()}" for m in cfg.teachers()] or [name]
+    found = sorted(p.name for p in (run_dir / name).glob("*") if p.is_dir())
+    return [f"{name}/{n}" for n in found] or [name]
+
+
+def _current_components(stage: str, cfg: PipelineConfig) -> dict[str, Any] | None:
+    if stage == "prepare":
+        from fuselm.corpus import _tokenizer_budgets, prepare_components
+
+        return prepare_components(cfg, _tokenizer_budgets(cfg))
+    return None  # later stages add their own fingerprints
+
+
+def _cmd_not_yet(args: argparse.Namespace) -> int:
+    raise NotImplementedStage(f"fuselm {args.command}: not implemented yet (tracked in issue #9)")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fuselm.demo import write_demo_config
+
+    run_dir = Path(args.run_dir).expanduser().resolve()
+    print(
+        "fuselm demo: every implemented stage on the Python standard library's source, with "
+        "small models of three tokenizer families built locally (the full SmolLM2 demo "
+        "arrives with issue #7)."
+    )
+    cfg_path = write_demo_config(run_dir)
+    args.config, args.overrides = str(cfg_path), []
+    code = _run_stages(list(STAGES), args)
+    print(f"\nconfig: {cfg_path}\nnext: fuselm status {run_dir} -c {cfg_path}")
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used to render ``fuselm --help`` in the README)."""
+    parser = argparse.ArgumentParser(
+        prog="fuselm",
+        description=(
+            "Knowledge fusion of language models (FuseLLM/FuseChat): several source LMs with "
+            "any tokenizers teach one target LM through aligned, fused next-token "
+            "distributions. Stages talk through <run_dir>/<stage>/manifest.json and resume."
+        ),
+        epilog=(
+            "Config overrides: append section.field=value, e.g. train.learning_rate=2e-5 "
+            "sources.0.dtype=bfloat16 (list items by index or name). "
+            "All fields: configs/reference.yaml."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"fuselm {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def stage_args(p: argparse.ArgumentParser, config_positional: bool = False) -> None:
+        if config_positional:
+            p.add_argument("config", help="pipeline YAML")
+        else:
+            p.add_argument("--config", "-c", required=True, help="pipeline YAML")
+        p.add_argument("--run-dir", "-o", help="run directory (default: run_dir in the config)")
+        p.add_argument("--force", action="store_true", help="redo finished or stale output")
+        p.add_argument("overrides", nargs="*", metavar="section.field=value")
+
+    for name, (target, help_text, issue) in STAGES.items():
+        suffix = "" if target else f" [not implemented yet: {issue}]"
+        p = sub.add_parser(name, help=help_text + suffix, description=help_text + suffix)
+        stage_args(p)
+        p.set_defaults(func=_cmd_stage)
+    p = sub.add_parser("run", help="run every implemented stage in order, skipping finished ones")
+    stage_args(p, config_positional=True)
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser(
+        "demo",
+        help="the built-in default: run the implemented stages offline on a CPU "
+        "(full SmolLM2 demo: #7)",
+    )
+    p.add_argument("--run-dir", "-o", default="fuselm-demo", help="run directory")
+    p.add_argument("--force", action="store_true", help="redo finished stages")
+    p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser(
+        "inspect",
+        help="preflight: tokenizer-pair diagnostics and cost estimate [not implemented yet: #9]",
+    )
+    p.add_argument("--config", "-c", help="pipeline YAML")
+    p.set_defaults(func=_cmd_not_yet)
+    p = sub.add_parser("status", help="show each stage: done / partial / missing / stale")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--config", "-c", help="current pipeline YAML, to detect stale stages")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value")
+    p.set_defaults(func=_cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fuselm`` console script; returns the process exit code."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options (`status DIR -c run.yaml a.b=c`); argparse leaves
+    # those over, so collect them here rather than forcing an argument order on users.
+    bad = [e for e in extra if e.startswith("-") or "=" not in e]
+    if bad or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="fuselm %(levelname).1s %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except NotImplementedStage as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_NOT_IMPLEMENTED
+    except (ConfigError, StageError) as e:  # includes ModelLoadError and CorpusError
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
