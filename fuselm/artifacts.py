@@ -432,7 +432,11 @@ class Stage:
 
 def _summary(man: Mapping[str, Any]) -> str:
     stats = man.get("stats", {})
-    keys = [k for k in ("documents", "blocks", "positions", "tokens", "steps") if k in stats]
+    keys = [
+        k
+        for k in ("documents", "blocks", "positions", "tokens", "steps")
+        if isinstance(stats.get(k), int | float)
+    ]
     parts = [f"{k}={stats[k]}" for k in keys]
     parts.append(f"{len(man.get('shards', []))} shards")
     return ", ".join(parts)
