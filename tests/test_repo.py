@@ -36,6 +36,9 @@ def test_ruff_clean():
     ruff = shutil.which("ruff")
     assert ruff, "ruff is part of the test extra: pip install -e '.[test]'"
     res = subprocess.run(
-        [ruff, "check", "fuselm", "tests", "bench"], cwd=REPO, capture_output=True, text=True
+        [ruff, "check", *[p for p in ("fuselm", "tests", "bench") if (REPO / p).exists()]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stdout + res.stderr
