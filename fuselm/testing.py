@@ -111,16 +111,37 @@ def _merges(tok: Tokenizer) -> list:
 
 
 def _wordpiece(texts: tuple[str, ...] | None, vocab_size: int, lower: bool) -> Tokenizer:
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(
+    normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=lower, lowercase=lower
     )
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    pre = pre_tokenizers.BertPreTokenizer()
+    # The tokenizers library's WordPiece training breaks ties between equally frequent
+    # pairs differently in every process, so fixtures would change from run to run. A
+    # simple deterministic vocabulary instead: every character (as word start and as
+    # "##" continuation), then the most useful whole words and continuation pieces.
+    counts: dict[str, int] = {}
+    for text in _corpus(texts):
+        for word, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)):
+            counts[word] = counts.get(word, 0) + 1
+    chars = sorted({c for w in counts for c in w})
+    vocab_list = list(SPECIAL_WP) + chars + [f"##{c}" for c in chars]
+    score: dict[str, int] = {}
+    for word, n in counts.items():
+        if 1 < len(word) <= 10:
+            score[word] = score.get(word, 0) + n * len(word)
+        for i in range(1, len(word)):
+            for j in range(i + 2, min(len(word), i + 4) + 1):
+                piece = "##" + word[i:j]
+                score[piece] = score.get(piece, 0) + n * (j - i)
+    for piece, _ in sorted(score.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab_list) >= vocab_size:
+            break
+        vocab_list.append(piece)
+    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(vocab_list))}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_WP), show_progress=False
-    )
-    tok.train_from_iterator(_corpus(texts), trainer=trainer)
     return tok
 
 
