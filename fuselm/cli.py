@@ -34,7 +34,11 @@ STAGES: dict[str, tuple[str | None, str, str]] = {
         "read the corpus, cut blocks that fit every model, hold out a validation split",
         "",
     ),
-    "capture": (None, "run each source once, store its top-k next-token log-probs", "#3"),
+    "capture": (
+        "fuselm.capture.stage:run_capture",
+        "run each source once, store its top-k next-token log-probs",
+        "",
+    ),
     "align": (None, "map each source's distributions onto the target's tokens and vocab", "#4"),
     "train": (None, "continually train the target on λ·CLM + (1−λ)·fusion", "#5"),
     "eval": (None, "bits per byte per domain: sources, target, control, fused target", "#6"),
@@ -245,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.quiet:
+        os.environ["FUSELM_QUIET"] = "1"  # progress bars off too
     try:
         return args.func(args)
     except NotImplementedStage as e:

@@ -28,6 +28,7 @@ import numpy as np
 
 from fuselm.artifacts import Stage, StageError, file_digest, fingerprint, text_digest
 from fuselm.config import CorpusInput, PipelineConfig, to_dict
+from fuselm.progress import progress
 
 log = logging.getLogger("fuselm.prepare")
 
@@ -423,7 +424,6 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
         The stage manifest (with ``stats``).
     """
     import pyarrow as pa
-    from tqdm.auto import tqdm
 
     if not cfg.corpus.inputs:
         raise CorpusError("corpus.inputs is empty: add at least one input (a path or hf_dataset)")
@@ -473,7 +473,7 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
         rows.clear()
 
     seen_ids: set[str] = set()
-    bar = tqdm(desc="prepare", unit="doc", dynamic_ncols=True)
+    bar = progress(desc="prepare", unit="doc")
     for i, inp in enumerate(c.inputs):
         for doc in iter_documents(inp, i, c.errors, counters):
             bar.update(1)
@@ -525,7 +525,7 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
                 counters[f"blocks_{split}"] += 1
                 if len(buffers[split]) >= c.blocks_per_shard:
                     flush(split)
-            bar.set_postfix(blocks=counters["blocks"])
+            bar.set_postfix(blocks=counters["blocks"], refresh=False)
     bar.close()
     flush("train")
     flush("validation")
