@@ -197,7 +197,14 @@ class FuseConfig:
     ce_unit: Literal["byte", "char"] = _f(
         "byte", "Normalise cross-entropies per byte or per character of text covered."
     )
-    avg_temperature: float = _f(1.0, "avg_ce: weights = softmax(-CE / avg_temperature).")
+    avg_weighting: Literal["softmax", "inverse"] = _f(
+        "softmax", "avg_ce weights: softmax(-CE / avg_temperature) or normalised 1/CE."
+    )
+    avg_temperature: float = _f(
+        0.1,
+        "avg_ce softmax temperature in nats per byte: CE differences between sources are "
+        "small per byte, so 1.0 would give nearly uniform weights.",
+    )
 
     def __post_init__(self) -> None:
         if self.avg_temperature <= 0:
@@ -243,6 +250,11 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise _invalid(name, getattr(self, name), "use a positive integer")
+        if self.tail_bucket and self.temperature != 1.0:
+            raise ConfigError(
+                "tail_bucket: true needs temperature: 1.0 (the tempered mass of tokens the "
+                "teacher did not store cannot be recovered); set one of them back"
+            )
         if self.max_steps < 0 or self.save_steps < 0:
             raise ConfigError("max_steps and save_steps must be >= 0")
 
