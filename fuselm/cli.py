@@ -34,11 +34,7 @@ STAGES: dict[str, tuple[str | None, str, str]] = {
         "read the corpus, cut blocks that fit every model, hold out a validation split",
         "",
     ),
-    "capture": (
-        "fuselm.capture.stage:run_capture",
-        "run each source once, store its top-k next-token log-probs",
-        "",
-    ),
+    "capture": (None, "run each source once, store its top-k next-token log-probs", "#3"),
     "align": (None, "map each source's distributions onto the target's tokens and vocab", "#4"),
     "train": (None, "continually train the target on λ·CLM + (1−λ)·fusion", "#5"),
     "eval": (None, "bits per byte per domain: sources, target, control, fused target", "#6"),
