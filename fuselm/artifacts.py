@@ -112,6 +112,29 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def write_parquet_atomic(path: Path, table: Any, **options: Any) -> Path:
+    """Write a ``pyarrow.Table`` to ``path`` via a temporary file + fsync + rename.
+
+    Like ``Stage.write_table`` but with any ``pyarrow.parquet.write_table`` options
+    (compression level, per-column dictionaries/statistics); the temporary name carries
+    the process id, so several processes may write different shards of one stage.
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, **options)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return path
+
+
 def read_json(path: Path) -> Any:
     """Read a JSON file, turning corruption into a StageError that names the file."""
     try:
@@ -338,6 +361,31 @@ class Stage:
         atomic_write_json(self.path / "config.json", dict(config))
         return "run"
 
+    def reopen(self) -> bool:
+        """Turn a finished stage whose shards went missing back into an unfinished one.
+
+        The manifest becomes the pending record (same fingerprint), so the next ``begin``
+        resumes: it keeps the shards that are still there instead of clearing them, and
+        only the missing ones are redone. Added for the capture stage (a user deleting a
+        corrupt shard must not cost a whole source's capture).
+
+        Returns:
+            True if the stage was reopened, False if it is not finished or complete.
+        """
+        man = self.manifest()
+        if man is None:
+            return False
+        names = [s["name"] for s in man.get("shards", [])]
+        if all(self.has_shard(n) for n in names):
+            return False
+        atomic_write_json(  # pending first: a crash in between leaves a resumable stage
+            self.path / PENDING,
+            {"fingerprint": man["fingerprint"], "components": man["components"], "shards": names},
+        )
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / MANIFEST).unlink()
+        return True
+
     def _mismatch(self, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
         changed = diff_components(old, new) or ["(fingerprint differs)"]
         lines = "\n  ".join(changed[:12])
@@ -367,19 +415,7 @@ class Stage:
 
     def write_table(self, shard: str, table: Any, compression: str = "zstd") -> Path:
         """Write a ``pyarrow.Table`` as ``<shard>.parquet`` atomically."""
-        import pyarrow.parquet as pq
-
-        final = self.shard_path(shard)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        try:
-            pq.write_table(table, tmp, compression=compression)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        return final
+        return write_parquet_atomic(self.shard_path(shard), table, compression=compression)
 
     def finish(
         self,

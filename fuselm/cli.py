@@ -34,8 +34,16 @@ STAGES: dict[str, tuple[str | None, str, str]] = {
         "read the corpus, cut blocks that fit every model, hold out a validation split",
         "",
     ),
-    "capture": (None, "run each source once, store its top-k next-token log-probs", "#3"),
-    "align": (None, "map each source's distributions onto the target's tokens and vocab", "#4"),
+    "capture": (
+        "fuselm.capture.stage:run_capture",
+        "run each source once, store its top-k next-token log-probs",
+        "",
+    ),
+    "align": (
+        "fuselm.align.stage:run_align",
+        "map each source's distributions onto the target's tokens and vocab",
+        "",
+    ),
     "train": (None, "continually train the target on λ·CLM + (1−λ)·fusion", "#5"),
     "eval": (None, "bits per byte per domain: sources, target, control, fused target", "#6"),
     "report": (None, "write report.md and plots of a run", "#6"),
@@ -142,11 +150,30 @@ def _stage_dirs(run_dir: Path, name: str, cfg: PipelineConfig | None) -> list[st
 
 
 def _current_components(stage: str, cfg: PipelineConfig) -> dict[str, Any] | None:
-    if stage == "prepare":
-        from fuselm.corpus import _tokenizer_budgets, prepare_components
+    """The fingerprint components a stage would have if run now (None: not checkable)."""
+    from fuselm.artifacts import fingerprint, tokenizer_digest
+    from fuselm.corpus import _tokenizer_budgets, prepare_components
 
-        return prepare_components(cfg, _tokenizer_budgets(cfg))
+    prepare = prepare_components(cfg, _tokenizer_budgets(cfg))
+    if stage == "prepare":
+        return prepare
+    if stage.startswith("capture/") and _runner_exists("capture"):
+        from fuselm.capture.stage import capture_components
+        from fuselm.models import load_tokenizer, resolve_device, resolve_dtype
+
+        name = stage.split("/", 1)[1]
+        model = next((m for m in cfg.teachers() if m.resolved_name() == name), None)
+        if model is None:
+            return None
+        dtype = str(resolve_dtype(model.dtype, resolve_device(model.device))).removeprefix("torch.")
+        # The CURRENT prepare fingerprint: an edited corpus makes every capture stale too.
+        digest = tokenizer_digest(load_tokenizer(model))
+        return capture_components(cfg, model, fingerprint(prepare), digest, dtype)
     return None  # later stages add their own fingerprints
+
+
+def _runner_exists(name: str) -> bool:
+    return STAGES[name][0] is not None
 
 
 def _cmd_not_yet(args: argparse.Namespace) -> int:

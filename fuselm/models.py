@@ -139,3 +139,183 @@ def model_identity(m: ModelConfig, with_weights: bool = True) -> dict[str, Any]:
 def tokenizer_identity(m: ModelConfig) -> str:
     """Content digest of the model's tokenizer."""
     return tokenizer_digest(load_tokenizer(m))
+
+
+# --------------------------------------------------------------------------- loading weights
+# Added with the capture stage (issue #3); shared by every stage that runs a model.
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_NOT_WEIGHTS = ("training_args.bin",)
+
+
+def check_model_path(m: ModelConfig) -> None:
+    """Fail early, naming the model, when ``model`` is a filesystem path that does not exist.
+
+    Hub names (``org/name``) are left to ``from_pretrained``; anything absolute, starting
+    with ``.``/``~`` or with more than one ``/`` is treated as a local path.
+    """
+    if not m.model:
+        raise ModelLoadError(f"model '{m.resolved_name()}': no `model` path or name configured")
+    p = str(m.model)
+    looks_local = p.startswith(("/", ".", "~")) or p.count("/") > 1 or "\\" in p
+    if looks_local and not Path(p).expanduser().exists():
+        raise ModelLoadError(
+            f"model '{m.resolved_name()}': model path {p} does not exist; point `model:` at "
+            "a folder with config.json and weights (or at a Hugging Face model name)"
+        )
+
+
+def check_causal_lm(m: ModelConfig, config: Any) -> None:
+    """Refuse a model whose config cannot be loaded as ``AutoModelForCausalLM``."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (remote and m.trust_remote_code):
+        return
+    arch = ", ".join(getattr(config, "architectures", None) or []) or "unknown"
+    raise ModelLoadError(
+        f"model '{m.resolved_name()}': {m.model} is not a causal language model (model_type "
+        f"{model_type!r}, architectures: {arch}); fuselm needs a decoder that "
+        "AutoModelForCausalLM can load (GPT-2, Llama, Mistral, Qwen, ...)"
+    )
+
+
+def check_weights_format(m: ModelConfig) -> bool | None:
+    """Check the weight files of a local model folder against ``allow_pickle``.
+
+    Returns:
+        The ``use_safetensors`` argument for ``from_pretrained``: True (safetensors only),
+        False (pickle allowed and the only format present) or None (GGUF, or pickle
+        allowed for a hub name).
+
+    Raises:
+        ModelLoadError: only pickle weights and ``allow_pickle`` is off, no weights at all,
+            or the configured ``gguf_file`` is missing.
+    """
+    p = Path(m.model).expanduser()
+    if m.gguf_file:
+        if p.is_dir() and not (p / m.gguf_file).is_file():
+            raise ModelLoadError(
+                f"model '{m.resolved_name()}': gguf_file {m.gguf_file} is not in {p}"
+            )
+        return None
+    if not p.is_dir():  # a hub name: let the hub tell which files exist
+        return None if m.allow_pickle else True
+    files = [f for f in p.iterdir() if f.is_file()]
+    has_safe = any(f.suffix == ".safetensors" for f in files)
+    pickles = sorted(
+        f.name for f in files if f.suffix in _PICKLE_SUFFIXES and f.name not in _NOT_WEIGHTS
+    )
+    if has_safe:
+        return True
+    if pickles and not m.allow_pickle:
+        raise ModelLoadError(
+            f"model '{m.resolved_name()}': {p} holds its weights only in pickle format "
+            f"({', '.join(pickles[:3])}); loading pickle can run arbitrary code. Convert the "
+            "weights to safetensors (load the model once and save_pretrained() it, which "
+            "writes model.safetensors), or set allow_pickle: true for this model if you "
+            "trust the files"
+        )
+    if pickles:
+        return False
+    raise ModelLoadError(
+        f"model '{m.resolved_name()}': no weights in {p} (expected model.safetensors or a "
+        "sharded *.safetensors set); is this the right folder?"
+    )
+
+
+def resolve_device(spec: str, local_rank: int | None = None) -> Any:
+    """``auto`` -> ``cuda:<local_rank>`` when CUDA is present, else ``cpu``.
+
+    Under torchrun/accelerate every process is given its own GPU by ``local_rank``; an
+    explicit ``cuda:N`` is kept as written.
+    """
+    import torch
+
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError("device: cuda was requested but no CUDA device is visible")
+        spec = f"cuda:{local_rank or 0}"
+    return torch.device(spec)
+
+
+def resolve_dtype(spec: str, device: Any) -> Any:
+    """``auto`` -> bfloat16 on a CUDA device that supports it, float32 otherwise."""
+    import torch
+
+    if spec == "auto":
+        cuda = getattr(device, "type", str(device)) == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, spec)
+
+
+def ensure_fast_tokenizer(m: ModelConfig, tokenizer: Any) -> tuple[Any, bool]:
+    """Return a fast tokenizer (character offsets need one) and whether it was converted.
+
+    A slow (pure Python) tokenizer is converted with ``transformers``' converters and kept
+    only if it encodes a probe text exactly like the original; otherwise the error says
+    how to provide a fast one.
+    """
+    if getattr(tokenizer, "is_fast", False):
+        return tokenizer, False
+    name = m.resolved_name()
+    probe = "Hello world, déjà vu 123!\n    def f(x):\treturn x  # 東京 🙂"
+    try:
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import convert_slow_tokenizer
+
+        backend = convert_slow_tokenizer(tokenizer)
+        specials = {
+            k: getattr(tokenizer, k)
+            for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if getattr(tokenizer, k, None) is not None
+        }
+        fast = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+        same = fast(probe)["input_ids"] == tokenizer(probe)["input_ids"]
+    except Exception as e:  # any converter failure means: no offsets available
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    else:
+        if same:
+            return fast, True
+        reason = "the converted tokenizer encodes text differently from the original"
+    raise ModelLoadError(
+        f"model '{name}': tokenizer {type(tokenizer).__name__} from {m.tokenizer_path} is a "
+        f"slow (Python) tokenizer without character offsets, and converting it to a fast one "
+        f"failed ({reason}). Provide a fast tokenizer (a folder with tokenizer.json) through "
+        f"`tokenizer:` for this model"
+    )
+
+
+def load_causal_lm(m: ModelConfig, device: Any = None, dtype: Any = None) -> Any:
+    """Load a model with ``AutoModelForCausalLM`` after the checks above, in eval mode.
+
+    Args:
+        m: the model's configuration (``trust_remote_code`` and ``allow_pickle`` are
+            honoured; both off by default).
+        device: a ``torch.device``; default ``resolve_device(m.device)``.
+        dtype: a ``torch.dtype``; default ``resolve_dtype(m.dtype, device)``.
+
+    Raises:
+        ModelLoadError: missing path, not a causal LM, pickle-only weights, or any loading
+            failure (the message names the model and what to change).
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(m)
+    config = load_model_config(m)
+    check_causal_lm(m, config)
+    use_safetensors = check_weights_format(m)
+    device = device if device is not None else resolve_device(m.device)
+    dtype = dtype if dtype is not None else resolve_dtype(m.dtype, device)
+    kw = _common_kwargs(m)
+    kw["dtype"] = dtype
+    if use_safetensors is not None:
+        kw["use_safetensors"] = use_safetensors
+    try:
+        model = AutoModelForCausalLM.from_pretrained(m.model, **kw)
+    except Exception as e:
+        raise _explain(m, "model weights", m.model, e) from e
+    return model.to(device).eval()
