@@ -39,11 +39,7 @@ STAGES: dict[str, tuple[str | None, str, str]] = {
         "run each source once, store its top-k next-token log-probs",
         "",
     ),
-    "align": (
-        "fuselm.align.stage:run_align",
-        "map each source's distributions onto the target's tokens and vocab",
-        "",
-    ),
+    "align": (None, "map each source's distributions onto the target's tokens and vocab", "#4"),
     "train": (None, "continually train the target on λ·CLM + (1−λ)·fusion", "#5"),
     "eval": (None, "bits per byte per domain: sources, target, control, fused target", "#6"),
     "report": (None, "write report.md and plots of a run", "#6"),
