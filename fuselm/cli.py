@@ -41,7 +41,11 @@ STAGES: dict[str, tuple[str | None, str, str]] = {
     ),
     "align": (None, "map each source's distributions onto the target's tokens and vocab", "#4"),
     "train": (None, "continually train the target on λ·CLM + (1−λ)·fusion", "#5"),
-    "eval": (None, "bits per byte per domain: sources, target, control, fused target", "#6"),
+    "eval": (
+        "fuselm.evaluate:run_eval",
+        "bits per byte per domain: sources, target, control, fused target",
+        "",
+    ),
     "report": (None, "write report.md and plots of a run", "#6"),
 }
 

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fuselm.artifacts import Stage, StageError
+from fuselm.cli import main
+from fuselm.evaluate import (
+    BlockScore,
+    aggregate,
+    bits_per_byte,
+    capture_scores,
+    predicted_bytes,
+    score_blocks,
+)
+
+
+def test_predicted_bytes_counts_what_was_predicted():
+    text = "héllo world"
+    offs = np.array([[0, 5], [5, 11]])
+    assert predicted_bytes(text, np.array([1, 2]), offs) == len(b" world")
+    with_bos = np.array([[0, 0], [0, 5], [5, 11]])
+    assert predicted_bytes(text, np.array([9, 1, 2]), with_bos) == len(text.encode())
+    assert predicted_bytes(text, np.array([1]), offs[:1]) == 0
+
+
+def test_aggregate_sums_then_divides():
+    scores = [
+        BlockScore("a", "code", nll=10.0, tokens=5, bytes=10),
+        BlockScore("b", "code", nll=30.0, tokens=5, bytes=10),
+        BlockScore("c", "prose", nll=8.0, tokens=4, bytes=40),
+    ]
+    agg = aggregate(scores, perplexity=True)
+    assert agg["domains"]["code"]["bits_per_byte"] == pytest.approx(40 / 20 / math.log(2))
+    assert agg["overall"]["bits_per_byte"] == pytest.approx(48 / 60 / math.log(2))
+    assert agg["overall"]["perplexity"] == pytest.approx(math.exp(48 / 14))
+    assert math.isnan(bits_per_byte(1.0, 0))
+
+
+@pytest.mark.parametrize("family", ["bpe", "spm"])
+def test_score_blocks_equals_a_direct_forward(tiny_models, family):
+    path = tiny_models[family]
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    texts = ["def f(x):\n    return x + 1\n", "The quick brown fox jumps over the lazy dog."]
+    blocks = [
+        {"block_id": f"d#{i}", "hash": f"h{i}", "domain": "d", "text": t}
+        for i, t in enumerate(texts)
+    ]
+    scores = score_blocks(model, tok, blocks, name=family)
+    for s, text in zip(scores, texts, strict=True):
+        ids = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        assert s.tokens == ids.shape[1] - 1
+        assert s.nll == pytest.approx(nll, abs=0.008 * s.tokens)  # capture's 1/64-nat grid
+
+
+def _run(base_config, write_config, tmp_path, **eval_cfg):
+    cfg = dict(base_config, eval={"control": False, **eval_cfg})
+    cfg_path = write_config(cfg)
+    run_dir = tmp_path / "run"
+    for stage in ("prepare", "capture", "eval"):
+        assert main([stage, "-c", str(cfg_path), "-o", str(run_dir)]) == 0, stage
+    return cfg_path, run_dir
+
+
+def test_eval_stage_end_to_end(base_config, write_config, tmp_path, capsys):
+    cfg_path, run_dir = _run(base_config, write_config, tmp_path)
+    out = capsys.readouterr().out
+    assert "bits per byte" in out and "tgt" in out and "wp" in out
+    res = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert set(res["models"]) == {"tgt", "spm", "wp"}
+    assert res["models"]["tgt"]["kind"] == "target"
+    assert "perplexity" in res["models"]["tgt"]["overall"]  # shares the target's tokenizer
+    assert "perplexity" not in res["models"]["spm"]["overall"]
+    for r in res["models"].values():
+        assert r["overall"]["bits_per_byte"] > 0 and r["overall"]["bytes"] > 0
+        # overall = byte-weighted combination of the domains
+        total = sum(d["nll_nats"] for d in r["domains"].values())
+        assert total == pytest.approx(r["overall"]["nll_nats"])
+    rows = list(csv.DictReader((run_dir / "eval" / "results.csv").open()))
+    assert {(r["model"], r["domain"]) for r in rows} >= {("tgt", "all"), ("spm", "all")}
+    # capture-based scores agree with running the model again
+    from fuselm.corpus import read_blocks
+
+    blocks = read_blocks(run_dir, "validation").to_pylist()
+    model = AutoModelForCausalLM.from_pretrained(base_config["target"]["model"]).eval()
+    tok = AutoTokenizer.from_pretrained(base_config["target"]["model"])
+    again = aggregate(score_blocks(model, tok, blocks, name="tgt"))
+    from_capture = aggregate(capture_scores(run_dir, "tgt", blocks))
+    assert again["overall"]["bits_per_byte"] == pytest.approx(
+        from_capture["overall"]["bits_per_byte"], rel=1e-3
+    )
+    # rerun: skipped
+    assert main(["eval", "-c", str(cfg_path), "-o", str(run_dir)]) == 0
+    assert Stage(run_dir, "eval").manifest()["stats"]["models"] == 3
+
+
+def test_eval_needs_captures_and_a_validation_split(base_config, write_config, tmp_path, capsys):
+    cfg_path = write_config(
+        dict(base_config, corpus=dict(base_config["corpus"], validation_fraction=0.0))
+    )
+    run_dir = tmp_path / "run"
+    main(["prepare", "-c", str(cfg_path), "-o", str(run_dir)])
+    with pytest.raises(StageError, match="validation split is empty"):
+        from fuselm.config import load_config
+        from fuselm.evaluate import run_eval
+
+        run_eval(load_config(cfg_path), run_dir)
+    cfg_path = write_config(base_config, "b.yaml")
+    run_dir = tmp_path / "run2"
+    main(["prepare", "-c", str(cfg_path), "-o", str(run_dir)])
+    capsys.readouterr()
+    assert main(["eval", "-c", str(cfg_path), "-o", str(run_dir)]) == 1
+    assert "run `fuselm capture` first" in capsys.readouterr().err
