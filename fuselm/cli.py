@@ -46,7 +46,7 @@ STAGES: dict[str, tuple[str | None, str, str]] = {
         "bits per byte per domain: sources, target, control, fused target",
         "",
     ),
-    "report": (None, "write report.md and plots of a run", "#6"),
+    "report": ("fuselm.report:run_report", "write report.md and PNG plots of a run", ""),
 }
 
 
@@ -63,7 +63,7 @@ def _runner(name: str) -> Callable[[PipelineConfig, Path, bool], Any]:
 
 
 def _resolve_run_dir(args: argparse.Namespace, cfg: PipelineConfig) -> Path:
-    run_dir = args.run_dir or cfg.run_dir
+    run_dir = args.run_dir or getattr(args, "run_dir_pos", None) or cfg.run_dir
     if not run_dir:
         raise ConfigError("no run directory: pass --run-dir DIR or set run_dir in the config")
     return Path(run_dir).expanduser().resolve()
@@ -216,11 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def stage_args(p: argparse.ArgumentParser, config_positional: bool = False) -> None:
+    def stage_args(
+        p: argparse.ArgumentParser, config_positional: bool = False, needs_config: bool = True
+    ) -> None:
         if config_positional:
             p.add_argument("config", help="pipeline YAML")
-        else:
+        elif needs_config:
             p.add_argument("--config", "-c", required=True, help="pipeline YAML")
+        else:  # `fuselm report DIR`: reads only artifacts
+            p.add_argument("run_dir_pos", nargs="?", metavar="RUN_DIR", help="run directory")
+            p.add_argument("--config", "-c", help="pipeline YAML (optional)")
         p.add_argument("--run-dir", "-o", help="run directory (default: run_dir in the config)")
         p.add_argument("--force", action="store_true", help="redo finished or stale output")
         p.add_argument("overrides", nargs="*", metavar="section.field=value")
@@ -228,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (target, help_text, issue) in STAGES.items():
         suffix = "" if target else f" [not implemented yet: {issue}]"
         p = sub.add_parser(name, help=help_text + suffix, description=help_text + suffix)
-        stage_args(p)
+        stage_args(p, needs_config=name != "report")
         p.set_defaults(func=_cmd_stage)
     p = sub.add_parser("run", help="run every implemented stage in order, skipping finished ones")
     stage_args(p, config_positional=True)

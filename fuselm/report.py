@@ -1,0 +1,248 @@
+"""``fuselm report``: a markdown report with plots of a run, stating plainly what fusion did.
+
+Reads only artifacts (``eval/results.json``, ``train/<variant>/log.jsonl`` and the train
+manifests) and writes ``<run_dir>/report/report.md`` plus PNG plots next to it. The
+verdicts are computed, never written by hand: per domain, did the fused target beat the
+CLM-only control, and did it beat the best source?
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from fuselm.artifacts import Stage, StageError, atomic_write_bytes, read_json
+
+log = logging.getLogger("fuselm.report")
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per domain (and overall): fused vs control and vs the best source, in bits per byte.
+
+    Returns:
+        One dict per domain with ``domain``, ``fused``, ``control``, ``best_source``,
+        ``best_source_bpb``, ``beats_control`` and ``beats_best_source`` (None when a model
+        needed for the comparison is absent).
+    """
+    models = results["models"]
+    fused = next((r for r in models.values() if r["kind"] == "fused"), None)
+    control = next((r for r in models.values() if r["kind"] == "control"), None)
+    teachers = {n: r for n, r in models.items() if r["kind"] in ("source", "target")}
+    domains = sorted({d for r in models.values() for d in r["domains"]}) + ["all"]
+
+    def bpb(r: dict[str, Any] | None, dom: str) -> float | None:
+        if r is None:
+            return None
+        m = r["overall"] if dom == "all" else r["domains"].get(dom)
+        return None if m is None else m["bits_per_byte"]
+
+    out = []
+    for dom in domains:
+        best_name, best = None, math.inf
+        for name, r in teachers.items():
+            v = bpb(r, dom)
+            if v is not None and v < best:
+                best_name, best = name, v
+        f, c = bpb(fused, dom), bpb(control, dom)
+        out.append(
+            {
+                "domain": dom,
+                "fused": f,
+                "control": c,
+                "best_source": best_name,
+                "best_source_bpb": None if best_name is None else best,
+                "beats_control": None if f is None or c is None else f < c,
+                "beats_best_source": None if f is None or best_name is None else f < best,
+            }
+        )
+    return out
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _yes(v: bool | None) -> str:
+    return "n/a" if v is None else ("**yes**" if v else "no")
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _plot_bpb(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = results["models"]
+    domains = sorted({d for r in models.values() for d in r["domains"]}) + ["all"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(domains) + 2), 4))
+    width = 0.8 / max(1, len(models))
+    for i, (name, r) in enumerate(models.items()):
+        vals = [
+            (r["overall"] if d == "all" else r["domains"].get(d, {})).get(
+                "bits_per_byte", float("nan")
+            )
+            for d in domains
+        ]
+        ax.bar(
+            [j + i * width for j in range(len(domains))], vals, width, label=f"{name} ({r['kind']})"
+        )
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(domains))], domains)
+    ax.set_ylabel("bits per byte (lower is better)")
+    ax.set_title("Held-out bits per byte by domain")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a kill: the rest is still useful
+    return rows
+
+
+def _plot_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(logs.values()):
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for variant, rows in logs.items():
+        steps = [r.get("step", i) for i, r in enumerate(rows)]
+        for ax, key in zip(axes, ("clm", "fusion"), strict=True):
+            vals = [r.get(key) for r in rows]
+            if any(v is not None for v in vals):
+                ax.plot(steps, [float("nan") if v is None else v for v in vals], label=variant)
+    for ax, title in zip(axes, ("CLM loss", "fusion loss"), strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_selection(shares: dict[str, float], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not shares:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(list(shares), list(shares.values()))
+    ax.set_ylabel("share of selections")
+    ax.set_title("Which source fusion followed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _selection_shares(run_dir: Path) -> dict[str, float]:
+    man = Stage(run_dir, "train/fused").manifest()
+    stats = (man or {}).get("stats", {})
+    for key in ("selection_shares", "source_selection", "selected"):
+        val = stats.get(key)
+        if isinstance(val, dict) and val:
+            total = sum(float(v) for v in val.values()) or 1.0
+            return {k: float(v) / total for k, v in val.items()}
+    return {}
+
+
+def run_report(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
+    """Write ``report/report.md`` and its plots from the run's artifacts.
+
+    Always rewritten (it is cheap and derived only from other stages' output).
+    """
+    res_path = Path(run_dir) / "eval" / "results.json"
+    if Stage(run_dir, "eval").manifest() is None or not res_path.exists():
+        raise StageError("report: eval is not finished; run `fuselm eval` first")
+    results = read_json(res_path)
+    out = Path(run_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    _plot_bpb(results, out / "bits_per_byte.png")
+    logs = {v: _read_log(Path(run_dir) / "train" / v / "log.jsonl") for v in ("fused", "control")}
+    has_curves = _plot_curves(logs, out / "training_curves.png")
+    shares = _selection_shares(Path(run_dir))
+    has_shares = _plot_selection(shares, out / "source_selection.png")
+
+    from fuselm.evaluate import comparison_table
+
+    lines = [
+        "# fuselm run report",
+        "",
+        f"Run directory: `{Path(run_dir).resolve()}`; {results.get('blocks', '?')} held-out "
+        "blocks. Bits per byte (lower is better) — the only fair measure across tokenizers.",
+        "",
+        "## Bits per byte",
+        "",
+        "```",
+        comparison_table(results),
+        "```",
+        "",
+        "![bits per byte](bits_per_byte.png)",
+        "",
+        "## Did fusion help?",
+        "",
+        "| domain | fused | control | best source | best source bpb | fused < control | "
+        "fused < best source |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ver = verdicts(results)
+    for v in ver:
+        lines.append(
+            f"| {v['domain']} | {_fmt(v['fused'])} | {_fmt(v['control'])} | "
+            f"{v['best_source'] or '-'} | {_fmt(v['best_source_bpb'])} | "
+            f"{_yes(v['beats_control'])} | {_yes(v['beats_best_source'])} |"
+        )
+    overall = ver[-1]
+    lines.append("")
+    if overall["fused"] is None:
+        lines.append("No fused target was evaluated yet (run `fuselm train` then `fuselm eval`).")
+    else:
+        lines.append(
+            f"Overall the fused target {'beat' if overall['beats_control'] else 'did not beat'} "
+            f"the CLM-only control ({_fmt(overall['fused'])} vs {_fmt(overall['control'])} "
+            f"bits/byte) and {'beat' if overall['beats_best_source'] else 'did not beat'} the "
+            f"best source {overall['best_source']} ({_fmt(overall['best_source_bpb'])})."
+        )
+    if has_curves:
+        lines += ["", "## Training curves", "", "![training curves](training_curves.png)"]
+    if has_shares:
+        lines += [
+            "",
+            "## Source selection",
+            "",
+            *(f"- {k}: {v:.1%}" for k, v in shares.items()),
+            "",
+            "![source selection](source_selection.png)",
+        ]
+    text = "\n".join(lines) + "\n"
+    atomic_write_bytes(out / "report.md", text.encode("utf-8"))
+    print(f"report: {out / 'report.md'}")
+    return {"stats": {"verdicts": ver}, "path": str(out / "report.md")}
