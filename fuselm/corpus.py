@@ -73,12 +73,14 @@ def _decode(data: bytes, origin: str, errors: str) -> str:
         ) from None
 
 
-def _looks_binary(path: Path) -> bool:
+def looks_binary(path: Path) -> bool:
+    """Whether a file has a NUL byte in its first 8 KB (folders hold .pyc, images...)."""
     with open(path, "rb") as f:
         return b"\x00" in f.read(8192)
 
 
-def _format(inp: CorpusInput, path: Path) -> str:
+def input_format(inp: CorpusInput, path: Path) -> str:
+    """The format of one input file: the configured one, else by extension."""
     if inp.format != "auto":
         return inp.format
     suffix = path.suffix.lower()
@@ -89,7 +91,8 @@ def _format(inp: CorpusInput, path: Path) -> str:
     return "text"
 
 
-def _files(inp: CorpusInput, key: str) -> list[Path]:
+def input_files(inp: CorpusInput, key: str) -> list[Path]:
+    """The files of one input, sorted; hidden files and folders are skipped."""
     root = Path(inp.path)
     if not root.exists():
         raise CorpusError(f"{key}.path: {root} does not exist; fix the path in the config")
@@ -124,11 +127,11 @@ def iter_documents(
         return
     root = Path(inp.path)
     emitted = 0
-    for path in _files(inp, key):
+    for path in input_files(inp, key):
         rel = path.name if root.is_file() else str(path.relative_to(root))
-        fmt = _format(inp, path)
+        fmt = input_format(inp, path)
         if fmt == "text":
-            if root.is_dir() and _looks_binary(path):
+            if root.is_dir() and looks_binary(path):
                 counters["skipped_binary"] += 1  # folders hold .pyc, images...: not text
                 continue
             docs: Iterator[Document] = iter(

@@ -47,9 +47,12 @@ def test_unimplemented_stage_exits_non_zero(base_config, write_config, tmp_path,
     assert "not implemented yet" in capsys.readouterr().err
 
 
-def test_inspect_is_announced_not_faked(capsys):
-    assert main(["inspect"]) == 3
-    assert "not implemented yet" in capsys.readouterr().err
+def test_inspect_runs_and_reports(base_config, write_config, capsys):
+    import json
+
+    assert main(["inspect", "-c", str(write_config(base_config)), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {p["verdict"] for p in report["pairs"]} <= {"good", "usable", "poor"}
 
 
 def test_demo_runs_the_implemented_stages(tmp_path, monkeypatch, capsys):
