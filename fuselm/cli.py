@@ -39,7 +39,11 @@ STAGES: dict[str, tuple[str | None, str, str]] = {
         "run each source once, store its top-k next-token log-probs",
         "",
     ),
-    "align": (None, "map each source's distributions onto the target's tokens and vocab", "#4"),
+    "align": (
+        "fuselm.align.stage:run_align",
+        "map each source's distributions onto the target's tokens and vocab",
+        "",
+    ),
     "train": (None, "continually train the target on λ·CLM + (1−λ)·fusion", "#5"),
     "eval": (
         "fuselm.evaluate:run_eval",
@@ -169,6 +173,13 @@ def _current_components(stage: str, cfg: PipelineConfig) -> dict[str, Any] | Non
         # The CURRENT prepare fingerprint: an edited corpus makes every capture stale too.
         digest = tokenizer_digest(load_tokenizer(model))
         return capture_components(cfg, model, fingerprint(prepare), digest, dtype)
+    if stage.startswith("align/") and _runner_exists("align"):
+        from fuselm.align.stage import current_components
+
+        def capture_fp(m: Any) -> str:
+            return fingerprint(_current_components(f"capture/{m.resolved_name()}", cfg))
+
+        return current_components(cfg, stage.split("/", 1)[1], fingerprint(prepare), capture_fp)
     return None  # later stages add their own fingerprints
 
 

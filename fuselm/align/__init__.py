@@ -1,7 +1,8 @@
 """Align source LM predictions onto the target's positions and vocabulary (stage 3).
 
-Pure functions on arrays: no file I/O, no model loading. The align stage (``cli.py``)
-reads captures, calls these, and writes shards.
+Pure functions on arrays: no file I/O, no model loading. The align stage (``stage.py``,
+``fuselm align``) reads captures, calls these, and writes shards in the format of
+``store.py``, whose readers (``iter_aligned``, ``load_aligned``) are re-exported here.
 
 - ``surface``: what text each vocabulary entry stands for, per tokenizer family.
 - ``offsets``: token alignment from character offsets (exact, near-linear).
@@ -27,6 +28,8 @@ from fuselm.align.offsets import (
     special_positions,
     token_boundaries,
 )
+from fuselm.align.records import AlignedBlock
+from fuselm.align.store import align_manifest, iter_aligned, load_aligned
 from fuselm.align.surface import VocabSurface, detect_family, vocab_surface
 from fuselm.align.vocab import (
     KIND_EXACT,
@@ -94,6 +97,7 @@ def get_vocab_method(name: str) -> Callable:
 
 __all__ = [
     "ALIGN_METHODS",
+    "AlignedBlock",
     "KIND_EXACT",
     "KIND_MINED",
     "KIND_UNMAPPED",
@@ -105,6 +109,7 @@ __all__ = [
     "VocabMap",
     "VocabSurface",
     "align_mined_dp",
+    "align_manifest",
     "align_offsets",
     "alignment_stats",
     "build_vocab_map",
@@ -113,6 +118,8 @@ __all__ = [
     "fallback_targets",
     "get_align_method",
     "get_vocab_method",
+    "iter_aligned",
+    "load_aligned",
     "offsets_cover_text",
     "remap_topk",
     "special_positions",

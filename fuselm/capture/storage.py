@@ -111,7 +111,7 @@ class CaptureBlock:
 # --------------------------------------------------------------------------- integer codec
 
 
-def _pack(values: np.ndarray) -> bytes:
+def pack_ints(values: np.ndarray) -> bytes:
     """Non-negative integers (< 2^32) -> 1 width byte + that many little-endian byte planes."""
     raw = np.asarray(values).reshape(-1)
     if raw.size and (int(raw.min()) < 0 or int(raw.max()) > 0xFFFFFFFF):
@@ -123,8 +123,8 @@ def _pack(values: np.ndarray) -> bytes:
     return bytes([width]) + np.ascontiguousarray(planes).tobytes()
 
 
-def _unpack(blob: bytes, n: int) -> np.ndarray:
-    """Inverse of ``_pack`` for ``n`` values -> uint32 array of shape (n,)."""
+def unpack_ints(blob: bytes, n: int) -> np.ndarray:
+    """Inverse of ``pack_ints`` for ``n`` values -> uint32 array of shape (n,)."""
     if not blob:
         raise CaptureFormatError("empty integer blob")
     width = blob[0]
@@ -227,12 +227,12 @@ def encode_block(
         "n_tokens": t,
         "n_positions": p,
         "text_roundtrip": bool(text_roundtrip),
-        "token_ids": _pack(tok),
-        "offsets": _pack(np.concatenate([_zigzag(gaps), lengths.astype(np.uint64)])),
-        "topk_ids": _pack(ids.T.reshape(-1)),  # rank-major: (K, P)
-        "topk_logprobs": _pack(dq.T.reshape(-1)),
-        "gold_logprob": _pack(quantize(gold).reshape(-1)),
-        "tail_logmass": _pack(quantize(tail_logmass).reshape(-1)),
+        "token_ids": pack_ints(tok),
+        "offsets": pack_ints(np.concatenate([_zigzag(gaps), lengths.astype(np.uint64)])),
+        "topk_ids": pack_ints(ids.T.reshape(-1)),  # rank-major: (K, P)
+        "topk_logprobs": pack_ints(dq.T.reshape(-1)),
+        "gold_logprob": pack_ints(quantize(gold).reshape(-1)),
+        "tail_logmass": pack_ints(quantize(tail_logmass).reshape(-1)),
     }
 
 
@@ -241,14 +241,14 @@ def decode_row(row: dict[str, Any], k: int) -> CaptureBlock:
     t, p = int(row["n_tokens"]), int(row["n_positions"])
     if p != max(t - 1, 0):
         raise CaptureFormatError(f"block {row['block_id']}: {p} positions for {t} tokens")
-    tok = _unpack(row["token_ids"], t).astype(np.int32)
-    packed = _unpack(row["offsets"], 2 * t).astype(np.int64)
+    tok = unpack_ints(row["token_ids"], t).astype(np.int32)
+    packed = unpack_ints(row["offsets"], 2 * t).astype(np.int64)
     gaps, lengths = _unzigzag(packed[:t]), packed[t:]
     # end_i = end_{i-1} + gap_i + length_i (a running sum); start_i = end_i - length_i.
     ends = np.cumsum(gaps + lengths)
     starts = ends - lengths
-    ids = _unpack(row["topk_ids"], p * k).reshape(k, p).T.astype(np.int32)
-    q = np.cumsum(_unpack(row["topk_logprobs"], p * k).reshape(k, p).T.astype(np.int64), axis=1)
+    ids = unpack_ints(row["topk_ids"], p * k).reshape(k, p).T.astype(np.int32)
+    q = np.cumsum(unpack_ints(row["topk_logprobs"], p * k).reshape(k, p).T.astype(np.int64), axis=1)
     return CaptureBlock(
         hash=row["hash"],
         block_id=row["block_id"],
@@ -256,8 +256,8 @@ def decode_row(row: dict[str, Any], k: int) -> CaptureBlock:
         offsets=np.stack([starts, ends], axis=1).astype(np.int32).reshape(t, 2),
         ids=np.ascontiguousarray(ids),
         logprobs=dequantize(q),
-        gold=dequantize(_unpack(row["gold_logprob"], p)),
-        tail_logmass=dequantize(_unpack(row["tail_logmass"], p)),
+        gold=dequantize(unpack_ints(row["gold_logprob"], p)),
+        tail_logmass=dequantize(unpack_ints(row["tail_logmass"], p)),
         text_roundtrip=bool(row["text_roundtrip"]),
     )
 
