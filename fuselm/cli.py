@@ -44,7 +44,11 @@ STAGES: dict[str, tuple[str | None, str, str]] = {
         "map each source's distributions onto the target's tokens and vocab",
         "",
     ),
-    "train": (None, "continually train the target on λ·CLM + (1−λ)·fusion", "#5"),
+    "train": (
+        "fuselm.train.stage:run_train",
+        "continually train the target on λ·CLM + (1−λ)·fusion (and the λ = 1 control)",
+        "",
+    ),
     "eval": (
         "fuselm.evaluate:run_eval",
         "bits per byte per domain: sources, target, control, fused target",
@@ -134,7 +138,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"run dir {run_dir.resolve()}")
     for name in STAGES:
         for sub in _stage_dirs(run_dir, name, cfg):
-            components = _current_components(sub, cfg) if cfg is not None else None
+            components = _current_components(sub, cfg, run_dir) if cfg is not None else None
             st = Stage(run_dir, sub).status(components)
             detail = f"  ({st.detail})" if st.detail else ""
             print(f"  {sub:<24} {st.state}{detail}")
@@ -145,6 +149,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _stage_dirs(run_dir: Path, name: str, cfg: PipelineConfig | None) -> list[str]:
     """Stage folder names; per-source stages have one folder per source."""
+    if name == "train":
+        return ["train/fused", "train/control"]
     if name not in ("capture", "align"):
         return [name]
     if cfg is not None:
@@ -153,7 +159,9 @@ def _stage_dirs(run_dir: Path, name: str, cfg: PipelineConfig | None) -> list[st
     return [f"{name}/{n}" for n in found] or [name]
 
 
-def _current_components(stage: str, cfg: PipelineConfig) -> dict[str, Any] | None:
+def _current_components(
+    stage: str, cfg: PipelineConfig, run_dir: Path | None = None
+) -> dict[str, Any] | None:
     """The fingerprint components a stage would have if run now (None: not checkable)."""
     from fuselm.artifacts import fingerprint, tokenizer_digest
     from fuselm.corpus import _tokenizer_budgets, prepare_components
@@ -180,7 +188,11 @@ def _current_components(stage: str, cfg: PipelineConfig) -> dict[str, Any] | Non
             return fingerprint(_current_components(f"capture/{m.resolved_name()}", cfg))
 
         return current_components(cfg, stage.split("/", 1)[1], fingerprint(prepare), capture_fp)
-    return None  # later stages add their own fingerprints
+    if stage.startswith("train/") and _runner_exists("train"):
+        from fuselm.train.stage import current_components as train_components
+
+        return train_components(cfg, run_dir, stage.split("/", 1)[1])
+    return None  # eval and report are cheap: they are rerun, not checked
 
 
 def _runner_exists(name: str) -> bool:
@@ -217,7 +229,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         "small models of three tokenizer families built locally (the full SmolLM2 demo "
         "arrives with issue #7)."
     )
-    cfg_path = write_demo_config(run_dir)
+    cfg_path = write_demo_config(run_dir, quick=args.quick)
     args.config, args.overrides = str(cfg_path), []
     code = _run_stages(list(STAGES), args)
     print(f"\nconfig: {cfg_path}\nnext: fuselm status {run_dir} -c {cfg_path}")
@@ -273,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run-dir", "-o", default="fuselm-demo", help="run directory")
     p.add_argument("--force", action="store_true", help="redo finished stages")
+    p.add_argument("--quick", action="store_true", help="a smoke run of well under a minute")
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser(
         "inspect",

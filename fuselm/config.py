@@ -197,6 +197,7 @@ class FuseConfig:
     ce_unit: Literal["byte", "char"] = _f(
         "byte", "Normalise cross-entropies per byte or per character of text covered."
     )
+    max_k: int = _f(0, "Keep at most this many fused entries per position (0 = all).")
     avg_weighting: Literal["softmax", "inverse"] = _f(
         "softmax", "avg_ce weights: softmax(-CE / avg_temperature) or normalised 1/CE."
     )
@@ -207,6 +208,8 @@ class FuseConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.max_k < 0:
+            raise _invalid("max_k", self.max_k, "use 0 (no cap) or a positive count")
         if self.avg_temperature <= 0:
             raise _invalid("avg_temperature", self.avg_temperature, "use a positive number")
 
@@ -235,6 +238,9 @@ class TrainConfig:
     grad_accum: int = _f(1, "Gradient accumulation steps.")
     precision: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "auto", "Training precision; auto = bf16 on CUDA when supported, else float32."
+    )
+    gradient_checkpointing: bool = _f(
+        False, "Recompute activations in backward: less memory, about a third more compute."
     )
     seed: int = _f(42, "Training seed.")
     save_steps: int = _f(0, "Checkpoint every N steps for resume (0 = at the end only).")

@@ -39,10 +39,14 @@ def build_demo_models(root: Path) -> dict[str, Path]:
     return out
 
 
-def demo_config(run_dir: Path, models: dict[str, Path]) -> dict[str, Any]:
-    """The demo pipeline: stdlib code and stdlib docs-as-text, three tokenizer families."""
+def demo_config(run_dir: Path, models: dict[str, Path], quick: bool = False) -> dict[str, Any]:
+    """The demo pipeline: stdlib source, three tokenizer families.
+
+    ``quick`` shrinks it to a smoke run of well under a minute (one small package, a few
+    training steps, a few evaluation blocks): what the test suite runs.
+    """
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return {
+    cfg: dict[str, Any] = {
         "run_dir": str(run_dir),
         "corpus": {
             "inputs": [
@@ -63,17 +67,33 @@ def demo_config(run_dir: Path, models: dict[str, Path]) -> dict[str, Any]:
             {"model": str(models["source-wordpiece"]), "name": "wordpiece"},
         ],
         "capture": {"batch_tokens": 4096},
+        # A short continual training (the models are random: this shows the mechanics,
+        # the real fusion demo with SmolLM2 is issue #7).
+        "train": {
+            "max_steps": 40,
+            "seq_len": 256,
+            "batch_size": 4,
+            "learning_rate": 1e-3,
+            "warmup_ratio": 0.1,
+        },
+        "eval": {"control": True, "max_blocks": 32},
     }
+    if quick:
+        cfg["corpus"]["inputs"] = cfg["corpus"]["inputs"][:1]
+        cfg["corpus"]["validation_fraction"] = 0.3
+        cfg["train"]["max_steps"] = 4
+        cfg["eval"]["max_blocks"] = 6
+    return cfg
 
 
-def write_demo_config(run_dir: Path) -> Path:
+def write_demo_config(run_dir: Path, quick: bool = False) -> Path:
     """Build the demo models if needed and write ``<run_dir>.yaml`` beside the run dir."""
     models = build_demo_models(cache_dir() / "demo-models")
     path = run_dir.parent / f"{run_dir.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         "# Written by `fuselm demo`; rerun any stage with: fuselm <stage> -c this-file\n"
-        + yaml.safe_dump(demo_config(run_dir, models), sort_keys=False),
+        + yaml.safe_dump(demo_config(run_dir, models, quick), sort_keys=False),
         encoding="utf-8",
     )
     return path

@@ -157,6 +157,7 @@ def min_ce(
     level: Level = "sequence",
     max_k: int | None = None,
     source_names: Sequence[str] | None = None,
+    sequence_ce: Tensor | None = None,
 ) -> FusionResult:
     """MinCE: take the distribution of the source with the lowest per-byte cross-entropy.
 
@@ -176,6 +177,11 @@ def min_ce(
         level: ``"sequence"`` (paper) or ``"token"``.
         max_k: keep at most this many fused entries per position (highest first).
         source_names: names used in error messages; defaults to ``source 0``, ...
+        sequence_ce: optional ``(S, B)`` (or ``(S,)`` unbatched) per-byte CE of each source
+            on each whole block, used instead of the one computed from ``gold_logprob`` /
+            ``next_bytes`` at the aligned positions (``level="sequence"`` only). Pass the
+            CE over *all* of a source's positions (``AlignedBlock.ce_per_byte()``) so that
+            sources are compared on the same text whatever their alignment coverage.
 
     Returns:
         The fused sparse distribution with per-source weights (one-hot) and selection.
@@ -184,7 +190,14 @@ def min_ce(
         ValueError: on NaN inputs (naming source and position) or inconsistent shapes.
     """
     inputs = (ids, logprobs, valid, gold_logprob, next_bytes)
-    return _fuse(inputs, level=level, rule="min", max_k=max_k, source_names=source_names)
+    return _fuse(
+        inputs,
+        level=level,
+        rule="min",
+        max_k=max_k,
+        source_names=source_names,
+        sequence_ce=sequence_ce,
+    )
 
 
 def avg_ce(
@@ -199,6 +212,7 @@ def avg_ce(
     tau: float = DEFAULT_TAU,
     max_k: int | None = None,
     source_names: Sequence[str] | None = None,
+    sequence_ce: Tensor | None = None,
 ) -> FusionResult:
     """AvgCE: mix the sources with weights that decrease with their per-byte cross-entropy.
 
@@ -224,6 +238,8 @@ def avg_ce(
         tau: softmax temperature in nats per byte (> 0).
         max_k: keep at most this many fused entries per position (highest first).
         source_names: names used in error messages; defaults to ``source 0``, ...
+        sequence_ce: optional whole-block per-byte CE, ``(S, B)`` or ``(S,)``; see
+            :func:`min_ce` (``level="sequence"`` only).
 
     Returns:
         The fused sparse distribution with the per-source weights.
@@ -245,6 +261,7 @@ def avg_ce(
         tau=tau,
         max_k=max_k,
         source_names=source_names,
+        sequence_ce=sequence_ce,
     )
 
 
@@ -325,6 +342,7 @@ def _fuse(
     tau: float = DEFAULT_TAU,
     max_k: int | None,
     source_names: Sequence[str] | None,
+    sequence_ce: Tensor | None = None,
 ) -> FusionResult:
     """Shared body of the fusion functions: validate, weight, mix."""
     ids, logprobs, valid, gold_logprob, next_bytes = inputs
@@ -341,13 +359,18 @@ def _fuse(
             next_bytes.unsqueeze(1),
         )
     _check_inputs(ids, logprobs, valid, gold_logprob, next_bytes, source_names)
+    if sequence_ce is not None:
+        sequence_ce = _check_sequence_ce(sequence_ce, ids.shape[:2], level, unbatched, source_names)
 
     # A source is usable at a position only if it claims a prediction there *and* has at
     # least one real entry; entries with probability 0 carry no information.
     entry_ok = (ids >= 0) & torch.isfinite(logprobs)  # (S, B, T, K)
     usable = valid & entry_ok.any(-1)  # (S, B, T)
 
-    ce = per_byte_ce(gold_logprob, next_bytes, level)  # (S, B) or (S, B, T)
+    if sequence_ce is not None:
+        ce = sequence_ce  # (S, B) whole-block CE given by the caller
+    else:
+        ce = per_byte_ce(gold_logprob, next_bytes, level)  # (S, B) or (S, B, T)
     ce_bt = ce.unsqueeze(-1).expand_as(usable) if level == "sequence" else ce  # (S, B, T)
     if rule == "min":
         weights = _min_weights(ce_bt, usable)
@@ -410,6 +433,31 @@ def _check_inputs(
     if (next_bytes < 0).any():
         s, b, t = _first(next_bytes < 0)
         raise ValueError(f"negative next_bytes in {names[s]} at block {b}, position {t}")
+
+
+def _check_sequence_ce(
+    ce: Tensor,
+    sb: tuple[int, ...],
+    level: str,
+    unbatched: bool,
+    source_names: Sequence[str] | None,
+) -> Tensor:
+    """Validate an explicit per-block CE and return it as float32 ``(S, B)``."""
+    if level != "sequence":
+        raise ValueError("sequence_ce is only meaningful with level='sequence'")
+    ce = torch.as_tensor(ce, dtype=torch.float32)
+    if unbatched and ce.dim() == 1:
+        ce = ce.unsqueeze(1)  # (S,) -> (S, 1)
+    if tuple(ce.shape) != tuple(sb):
+        want = f"({sb[0]},)" if unbatched else str(tuple(sb))
+        raise ValueError(f"sequence_ce shape {tuple(ce.shape)} != (S, B) {want}")
+    if ce.isnan().any():
+        s, b = (int(i) for i in ce.isnan().nonzero()[0])
+        name = source_names[s] if source_names is not None else f"source {s}"
+        raise ValueError(f"NaN in sequence_ce of {name} at block {b}; refusing to fuse")
+    if (ce < 0).any():
+        raise ValueError("sequence_ce must be >= 0 (nats per byte; +inf = not comparable)")
+    return ce
 
 
 def _first(mask: Tensor) -> tuple[int, int, int]:

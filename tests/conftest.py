@@ -84,4 +84,6 @@ def base_config(tiny_models, corpus_dir) -> dict[str, Any]:
             {"model": str(tiny_models["spm"]), "name": "spm"},
             {"model": str(tiny_models["wordpiece"]), "name": "wp"},
         ],
+        # keep `fuselm run` in tests to a few optimiser steps
+        "train": {"max_steps": 3, "seq_len": 128, "batch_size": 2},
     }

@@ -1,0 +1,221 @@
+"""What one optimiser step is: settings, schedule, optimizer, precision and the loss share.
+
+Split from :mod:`fuselm.train.trainer` so that the loop there reads top to bottom; these are
+the pieces tests and ``bench/train_bench.py`` use on their own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fuselm.artifacts import StageError
+from fuselm.train.losses import combined_loss
+
+
+class TrainingError(StageError):
+    """Training cannot continue (non-finite loss, incompatible checkpoint, bad settings)."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything the loop needs from ``cfg.train`` (see :class:`fuselm.config.TrainConfig`).
+
+    ``lam`` is ``clm_weight``; the control variant uses ``lam = 1``.
+    """
+
+    lam: float = 0.9
+    fusion_loss: str = "ce"
+    temperature: float = 1.0
+    tail_bucket: bool = False
+    learning_rate: float = 1e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.1
+    warmup_ratio: float = 0.01
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    epochs: float = 1.0
+    max_steps: int = 0
+    batch_size: int = 1
+    grad_accum: int = 1
+    precision: str = "auto"
+    seed: int = 42
+    save_steps: int = 0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lam <= 1.0:
+            raise TrainingError(f"train.clm_weight (λ) must be in [0, 1], got {self.lam}")
+        if self.lr_scheduler not in SCHEDULES:
+            raise TrainingError(
+                f"train.lr_scheduler {self.lr_scheduler!r}; use one of {', '.join(SCHEDULES)}"
+            )
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise TrainingError("train.batch_size and train.grad_accum must be >= 1")
+
+    @classmethod
+    def from_config(cls, train: Any, lam: float | None = None) -> TrainSettings:
+        """Build from a :class:`fuselm.config.TrainConfig` (``lam`` overrides λ)."""
+        return cls(
+            lam=train.clm_weight if lam is None else lam,
+            fusion_loss=train.fusion_loss,
+            temperature=train.temperature,
+            tail_bucket=train.tail_bucket,
+            learning_rate=train.learning_rate,
+            adam_beta1=train.adam_beta1,
+            adam_beta2=train.adam_beta2,
+            weight_decay=train.weight_decay,
+            warmup_ratio=train.warmup_ratio,
+            lr_scheduler=train.lr_scheduler,
+            max_grad_norm=train.max_grad_norm,
+            epochs=train.epochs,
+            max_steps=train.max_steps,
+            batch_size=train.batch_size,
+            grad_accum=train.grad_accum,
+            precision=train.precision,
+            seed=train.seed,
+            save_steps=train.save_steps,
+            # Not a TrainConfig field yet; picked up as soon as it is added.
+            gradient_checkpointing=bool(getattr(train, "gradient_checkpointing", False)),
+        )
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether batches need teacher tensors (False for the CLM-only control)."""
+        return self.lam < 1.0
+
+
+# --------------------------------------------------------------------------- schedule
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak learning rate for update number ``step`` (0-based).
+
+    Linear warm-up over ``warmup`` updates that reaches the peak at the last of them (the
+    first update is not wasted at lr 0), then ``kind`` decay over the remaining updates:
+    cosine and linear go from the peak towards 0 without reaching it at the last update.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)  # [0, 1)
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps(total: int, ratio: float) -> int:
+    """Warm-up updates: ``ceil(ratio * total)`` (0 when the ratio is 0)."""
+    return math.ceil(ratio * total) if ratio > 0 else 0
+
+
+def build_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on biases and norm scales).
+
+    Decaying a norm's scale towards 0 or a bias towards 0 is not regularisation but
+    damage; this is also what ``transformers.Trainer`` does.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": s.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=s.learning_rate,
+        betas=(s.adam_beta1, s.adam_beta2),
+    )
+
+
+def cpu_only() -> bool:
+    """Whether this machine has no accelerator (then accelerate must be told so).
+
+    accelerate only treats a ``torchrun`` launch on a machine without GPUs as
+    multi-process (MULTI_CPU, gloo) when it is created with ``cpu=True``; otherwise every
+    process silently trains alone. Pass the result to ``PartialState`` / ``Accelerator``.
+    """
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None:
+        return not acc.is_available()
+    return not torch.cuda.is_available()
+
+
+def mixed_precision(precision: str) -> str:
+    """``train.precision`` -> accelerate's ``mixed_precision`` (``no`` / ``bf16`` / ``fp16``).
+
+    Weights and optimizer state stay float32 in every mode (AdamW updates at lr 1e-5 vanish
+    in bfloat16 weights); the precision only selects autocast for the compute.
+    """
+    if precision == "auto":
+        cuda = torch.cuda.is_available()
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if precision == "float16" and not torch.cuda.is_available():
+        raise TrainingError("train.precision: float16 needs a CUDA GPU; use bfloat16 or float32")
+    return {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[precision]
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def micro_batch_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    s: TrainSettings,
+    clm_total: float,
+    fusion_total: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss of one micro-batch as its share of the step's token-weighted objective.
+
+    The step objective is ``lam · (sum of CLM NLLs) / clm_total + (1 - lam) · (sum of
+    fusion terms) / fusion_total`` over the whole global batch (all micro-batches, all
+    processes). For this micro-batch with ``n_c`` / ``n_f`` positions, the share is
+    ``a · clm_mean + b · fusion_mean`` with ``a = lam · n_c / clm_total`` and ``b = (1 -
+    lam) · n_f / fusion_total``; it is computed as ``(a + b) · combined_loss(lam=a/(a+b))``
+    so that both terms still share one pass over the logits.
+
+    The model is called without labels: its own loss would materialise another
+    ``(B, T, V)`` tensor.
+
+    Args:
+        model: the (possibly wrapped) causal LM.
+        batch: output of :func:`fuselm.train.batching.collate`, on the model's device.
+        s: the settings (λ, fusion kind, temperature, tail bucket).
+        clm_total: CLM positions of the whole step (all processes).
+        fusion_total: fusion positions of the whole step (all processes).
+
+    Returns:
+        ``(loss, clm_sum, fusion_sum)``: the share to back-propagate (not yet multiplied
+        by processes x accumulation steps), and the detached sums of this micro-batch's
+        CLM NLLs and fusion terms (for logging).
+    """
+    out = model(input_ids=batch["input_ids"], use_cache=False)
+    logits = out.logits  # (B, L, V)
+    n_c = float(batch["clm_tokens"])
+    n_f = float(batch["fusion_tokens"]) if s.uses_teacher else 0.0
+    a = s.lam * n_c / clm_total if clm_total > 0 else 0.0
+    b = (1.0 - s.lam) * n_f / fusion_total if fusion_total > 0 and s.uses_teacher else 0.0
+    if a + b == 0.0:  # nothing to learn here; keep the graph so DDP's hooks still fire
+        zero = logits.sum() * 0.0
+        return zero, zero.detach(), zero.detach()
+    lam_here = min(1.0, a / (a + b))
+    loss, parts = combined_loss(
+        logits,
+        batch["labels"],
+        batch.get("teacher_ids") if lam_here < 1.0 else None,
+        batch.get("teacher_logprobs") if lam_here < 1.0 else None,
+        lam=lam_here,
+        kind=s.fusion_loss,  # type: ignore[arg-type]
+        temperature=s.temperature,
+        tail_bucket=s.tail_bucket,
+    )
+    return loss * (a + b), parts["clm"] * n_c, parts["fusion"] * n_f

@@ -1,0 +1,466 @@
+"""The training loop of stage 5, on ``accelerate`` (one CPU, one GPU, DDP, FSDP, DeepSpeed).
+
+Why a loop on ``accelerate.Accelerator`` and not a ``transformers.Trainer`` subclass: the
+two things this trainer must get right are awkward to bolt onto ``Trainer``:
+
+- The loss is computed on the logits by :func:`fuselm.train.losses.combined_loss` and the
+  model is never given ``labels`` (its built-in loss would hold a second ``(B, T, V)``
+  tensor), and every step's batch needs the teacher tensors next to the token ids.
+- The objective of a step is the token-weighted mean over the whole GLOBAL batch (all
+  micro-batches of all processes): each micro-batch's loss is scaled by its share of the
+  step's target positions, counted across processes before the forward pass. The update
+  then does not depend on how the global batch is split: one process with batch 2, two
+  processes with batch 1 and one process with batch 1 and 2 accumulation steps take the
+  same step (up to floating-point order), which is what makes ``torchrun`` runs
+  comparable with single-process ones.
+
+``accelerate`` still does everything device-specific: placement, DDP/FSDP/DeepSpeed
+wrapping, autocast and loss scaling, gradient sync only on the last micro-batch, sharded
+checkpoints (``save_state``: model, optimizer, scheduler, RNG of every process), gathered
+final weights. The same code runs under ``accelerate launch`` unchanged.
+
+Data position on resume: the order of examples is a pure function of the seed and the
+global batch (:func:`fuselm.train.batching.plan_steps`), so a checkpoint only records the step;
+nothing about a data loader's iterator state needs saving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fuselm.artifacts import atomic_write_json, read_json
+from fuselm.train.batching import (
+    collate,
+    count_steps,
+    plan_steps,
+    rank_slice,
+    step_digest,
+)
+from fuselm.train.data import TrainExample
+from fuselm.train.step import (
+    TrainingError,
+    TrainSettings,
+    build_optimizer,
+    cpu_only,
+    lr_factor,
+    micro_batch_loss,
+    mixed_precision,
+    warmup_steps,
+)
+
+log = logging.getLogger("fuselm.train")
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: marks it complete
+LOG_FILE = "log.jsonl"
+MODEL_DIR = "model"
+STOP_ENV = "FUSELM_TRAIN_STOP_AFTER"  # test hook: stop (as if killed) after N steps
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by the ``stop_after`` hook: the run stops as if killed after that step."""
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    """Figures of a finished (or resumed-and-finished) run."""
+
+    steps: int
+    resumed_from: int
+    tokens: int
+    fusion_tokens: int
+    final_clm: float | None
+    final_fusion: float | None
+    final_total: float | None
+    seconds: float
+    steps_per_second: float
+    tokens_per_second: float
+    processes: int
+    global_batch: int
+    model_dir: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+class Trainer:
+    """Continual training of the target on ``λ·CLM + (1−λ)·fusion``.
+
+    Typical use (what :mod:`fuselm.train.stage` does)::
+
+        trainer = Trainer(load_model, examples, settings, out_dir,
+                          fingerprint=fp, pad_id=tokenizer.pad_token_id or 0,
+                          tokenizer=tokenizer)
+        result = trainer.train()   # resumes from out_dir/checkpoints if there is one
+
+    Output in ``out_dir``: ``log.jsonl`` (one line per step: clm, fusion, total, lr,
+    tokens, grad norm, a digest of the step's rows), ``checkpoints/step-NNNNNNN/``
+    (accelerate state + ``trainer_state.json``; only the latest is kept) and ``model/``
+    (``save_pretrained`` safetensors + tokenizer + model card).
+    """
+
+    def __init__(
+        self,
+        load_model: Callable[[torch.device], torch.nn.Module],
+        examples: Sequence[TrainExample],
+        settings: TrainSettings,
+        out_dir: str | Path,
+        *,
+        fingerprint: str,
+        pad_id: int = 0,
+        tokenizer: Any = None,
+        model_card: str | None = None,
+        save_dtype: torch.dtype | None = None,
+        stop_after: int | None = None,
+        desc: str = "train",
+    ) -> None:
+        """Set up a run (nothing is loaded until :meth:`train`).
+
+        Args:
+            load_model: ``device -> model``; called once, after the accelerator exists.
+                The model should be float32 (the master weights).
+            examples: training rows (with teacher tensors unless ``settings.lam == 1``).
+            settings: optimisation and loss settings.
+            out_dir: where log, checkpoints and the final model go.
+            fingerprint: identity of the run; a checkpoint with another one is refused.
+            pad_id: token id used to pad batches (labels are -100 there).
+            tokenizer: saved next to the final model if given.
+            model_card: text of ``model/README.md`` if given.
+            save_dtype: dtype of the saved final weights (default: as trained, float32).
+            stop_after: stop after this many steps as if killed (tests of resume); also
+                read from the ``FUSELM_TRAIN_STOP_AFTER`` environment variable.
+            desc: progress bar label.
+        """
+        self.load_model = load_model
+        self.examples = list(examples)
+        self.s = settings
+        self.out = Path(out_dir)
+        self.fingerprint = fingerprint
+        self.pad_id = int(pad_id)
+        self.tokenizer = tokenizer
+        self.model_card = model_card
+        self.save_dtype = save_dtype
+        env_stop = os.environ.get(STOP_ENV)
+        self.stop_after = (
+            stop_after if stop_after is not None else (int(env_stop) if env_stop else None)
+        )
+        self.desc = desc
+        if settings.uses_teacher:
+            bare = [e.block_id for e in self.examples if e.teacher_ids is None]
+            if bare:
+                raise TrainingError(
+                    f"λ={settings.lam} < 1 but {len(bare)} rows have no teacher (e.g. {bare[0]})"
+                )
+
+    # ---- public
+    def train(self) -> TrainResult:
+        """Run (or resume) training to the last step and save the final model."""
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        s = self.s
+        # accelerate logs every file it checkpoints at INFO; keep fuselm's INFO log readable.
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
+        acc = Accelerator(
+            cpu=cpu_only(),
+            mixed_precision=mixed_precision(s.precision),
+            gradient_accumulation_steps=s.grad_accum,
+            step_scheduler_with_optimizer=False,  # stepped once per optimiser step, below
+        )
+        world, rank = acc.num_processes, acc.process_index
+        global_micro = s.batch_size * world
+        global_batch = global_micro * s.grad_accum
+        total = count_steps(len(self.examples), global_batch, s.epochs, s.max_steps)
+        if total == 0:
+            raise TrainingError("no training rows: nothing to train on")
+        plan = plan_steps(
+            [len(e) for e in self.examples],
+            steps=total,
+            micro_batch=global_micro,
+            grad_accum=s.grad_accum,
+            seed=s.seed,
+        )
+        set_seed(s.seed)
+
+        # FSDP and DeepSpeed shard the model themselves: load it on the CPU for them.
+        sharded = acc.distributed_type.name in ("FSDP", "DEEPSPEED")
+        model = self.load_model(torch.device("cpu") if sharded else acc.device)
+        model.train()
+        if s.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        optimizer = build_optimizer(model, s)
+        warm = warmup_steps(total, s.warmup_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: lr_factor(i, total, warm, s.lr_scheduler)
+        )
+        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+
+        start, tokens_seen, fusion_seen = self._maybe_resume(acc, global_batch, total)
+        if acc.is_main_process:
+            self._truncate_log(start)
+        last: dict[str, float] = {}
+        bar = None
+        if acc.is_main_process:
+            from fuselm.progress import progress
+
+            bar = progress(total=total, initial=start, desc=self.desc, unit="step")
+        t0 = time.perf_counter()
+        steps_done = 0
+        tokens_run = 0
+        for step in range(start, total):
+            micro = [
+                collate(
+                    [self.examples[i] for i in rank_slice(m, rank, world)],
+                    pad_id=self.pad_id,
+                    with_teacher=s.uses_teacher,
+                )
+                for m in plan[step]
+            ]
+            # Positions of the whole step on all processes, known before any forward pass.
+            local = [
+                [float(b["clm_tokens"]), float(b["fusion_tokens"]), float(b["input_ids"].numel())]
+                for b in micro
+            ]
+            n_c, n_f, n_in = _sum_over_processes(acc, [sum(x) for x in zip(*local, strict=True)])
+            sums = torch.zeros(2, dtype=_stat_dtype(acc.device), device=acc.device)
+            grad_norm = None
+            lr = float(scheduler.get_last_lr()[0])
+            for batch in micro:
+                batch = {  # the 0-dim counts stay on the CPU: reading them never syncs
+                    k: v.to(acc.device, non_blocking=True) if v.dim() else v
+                    for k, v in batch.items()
+                }
+                with acc.accumulate(model):
+                    loss, c_sum, f_sum = micro_batch_loss(model, batch, s, n_c, n_f)
+                    # Undo the averaging over processes (DDP) and accumulation steps
+                    # (accelerate): the shares already sum to the step objective.
+                    acc.backward(loss * world * s.grad_accum)
+                    sums += torch.stack([c_sum, f_sum]).to(sums)
+                    if acc.sync_gradients:
+                        gn = acc.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+                        grad_norm = float(gn) if gn is not None else None
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            c_tot, f_tot = _sum_over_processes(acc, sums.tolist())
+            clm = c_tot / n_c if n_c else 0.0
+            fusion = f_tot / n_f if n_f and s.uses_teacher else 0.0
+            total_loss = s.lam * clm + (1.0 - s.lam) * fusion
+            if not math.isfinite(total_loss):
+                raise TrainingError(
+                    f"{self.desc}: non-finite loss at step {step + 1} (clm {clm}, fusion "
+                    f"{fusion}); lower train.learning_rate or use train.precision: float32"
+                )
+            tokens_seen += int(n_c)
+            fusion_seen += int(n_f)
+            tokens_run += int(n_in)
+            steps_done += 1
+            last = {"clm": clm, "fusion": fusion, "total": total_loss}
+            if acc.is_main_process:
+                self._log_line(
+                    {
+                        "step": step + 1,
+                        "clm": clm,
+                        "fusion": fusion if s.uses_teacher else None,
+                        "total": total_loss,
+                        "lr": lr,
+                        "tokens": int(n_c),
+                        "fusion_tokens": int(n_f),
+                        "tokens_seen": tokens_seen,
+                        "grad_norm": grad_norm,
+                        "skipped": bool(getattr(acc, "optimizer_step_was_skipped", False)),
+                        "rows": step_digest(self.examples, plan[step]),
+                        "time": round(time.perf_counter() - t0, 4),
+                    }
+                )
+            if bar is not None:
+                bar.update(1)
+                rate = tokens_run / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(
+                    f"clm {clm:.3f}"
+                    + (f" fusion {fusion:.3f}" if s.uses_teacher else "")
+                    + f" {rate:,.0f} tok/s"
+                )
+            done = step + 1
+            if s.save_steps and done % s.save_steps == 0 and done < total:
+                self._save_checkpoint(acc, done, tokens_seen, fusion_seen, global_batch, total)
+            if self.stop_after is not None and done >= self.stop_after and done < total:
+                if bar is not None:
+                    bar.close()
+                acc.wait_for_everyone()
+                raise TrainingInterrupted(f"{self.desc}: stopped after step {done} (stop_after)")
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        model_dir = self._save_model(acc, model)
+        acc.wait_for_everyone()
+        if acc.is_main_process:  # finished: the checkpoints (optimizer state!) are dead weight
+            shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)
+        return TrainResult(
+            steps=total,
+            resumed_from=start,
+            tokens=tokens_seen,
+            fusion_tokens=fusion_seen,
+            final_clm=last.get("clm"),
+            final_fusion=last.get("fusion") if s.uses_teacher else None,
+            final_total=last.get("total"),
+            seconds=round(seconds, 3),
+            steps_per_second=round(steps_done / seconds, 4) if seconds > 0 else 0.0,
+            tokens_per_second=round(tokens_run / seconds, 1) if seconds > 0 else 0.0,
+            processes=world,
+            global_batch=global_batch,
+            model_dir=str(model_dir),
+        )
+
+    # ---- checkpoints
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints (with ``trainer_state.json``), oldest first."""
+        root = self.out / CHECKPOINTS
+        if not root.is_dir():
+            return []
+        done = [p for p in root.glob("step-*") if (p / TRAINER_STATE).is_file()]
+        return sorted(done, key=lambda p: p.name)
+
+    def _maybe_resume(self, acc: Any, global_batch: int, total: int) -> tuple[int, int, int]:
+        found = self.checkpoints()
+        if not found:
+            return 0, 0, 0
+        ckpt = found[-1]
+        state = read_json(ckpt / TRAINER_STATE)
+        if state.get("fingerprint") != self.fingerprint:
+            raise TrainingError(
+                f"{ckpt} is a checkpoint of another run (fingerprint {state.get('fingerprint')}"
+                f", this run {self.fingerprint}); pass --force to start over, or use another "
+                "--run-dir"
+            )
+        if state.get("global_batch") != global_batch or state.get("processes") != acc.num_processes:
+            raise TrainingError(
+                f"{ckpt} was written by {state.get('processes')} process(es) with a global "
+                f"batch of {state.get('global_batch')} rows; this run has {acc.num_processes} "
+                f"and {global_batch}. Resume with the same number of processes (the data "
+                "order depends on the global batch), or pass --force to start over"
+            )
+        if state.get("total_steps") != total:
+            raise TrainingError(
+                f"{ckpt} belongs to a run of {state.get('total_steps')} steps, this one has "
+                f"{total}; pass --force to start over"
+            )
+        acc.load_state(str(ckpt))
+        step = int(state["step"])
+        log.info("%s: resuming from %s (step %d of %d)", self.desc, ckpt, step, total)
+        return step, int(state.get("tokens_seen", 0)), int(state.get("fusion_tokens_seen", 0))
+
+    def _save_checkpoint(
+        self, acc: Any, step: int, tokens: int, fusion_tokens: int, global_batch: int, total: int
+    ) -> None:
+        path = self.out / CHECKPOINTS / f"step-{step:07d}"
+        acc.save_state(str(path))  # every process: its shard / RNG state
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            atomic_write_json(
+                path / TRAINER_STATE,
+                {
+                    "step": step,
+                    "total_steps": total,
+                    "fingerprint": self.fingerprint,
+                    "tokens_seen": tokens,
+                    "fusion_tokens_seen": fusion_tokens,
+                    "processes": acc.num_processes,
+                    "global_batch": global_batch,
+                    "settings": asdict(self.s),
+                },
+            )
+            for old in (self.out / CHECKPOINTS).glob("step-*"):  # keep only the newest
+                if old != path:
+                    shutil.rmtree(old, ignore_errors=True)
+            log.info("%s: checkpoint at step %d -> %s", self.desc, step, path)
+        acc.wait_for_everyone()
+
+    # ---- log
+    def _log_line(self, record: dict[str, Any]) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / LOG_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines past ``step`` (written after the checkpoint a resume starts from)."""
+        path = self.out / LOG_FILE
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+        path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+
+    # ---- final model
+    def _save_model(self, acc: Any, model: torch.nn.Module) -> Path:
+        final = self.out / MODEL_DIR
+        tmp = self.out / f".{MODEL_DIR}.tmp"
+        state_dict = acc.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards: every rank
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            unwrapped = acc.unwrap_model(model)
+            _forget_gguf(unwrapped)
+            if self.save_dtype is not None:
+                state_dict = {
+                    k: v.to(self.save_dtype) if v.is_floating_point() else v
+                    for k, v in state_dict.items()
+                }
+                unwrapped.config.dtype = self.save_dtype
+            unwrapped.save_pretrained(tmp, state_dict=state_dict)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            if self.model_card is not None:
+                (tmp / "README.md").write_text(self.model_card, encoding="utf-8")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            log.info("%s: model saved to %s", self.desc, final)
+        return final
+
+
+def _stat_dtype(device: torch.device) -> torch.dtype:
+    """float64 for summed statistics where the device has it (MPS does not)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _sum_over_processes(acc: Any, values: list[float]) -> list[float]:
+    """Sum a few numbers over all processes (no collective with one process)."""
+    if acc.num_processes == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=_stat_dtype(acc.device), device=acc.device)
+    return acc.reduce(t, "sum").tolist()
+
+
+def _forget_gguf(model: torch.nn.Module) -> None:
+    """Let a model loaded from a GGUF file be saved as plain safetensors.
+
+    transformers dequantises GGUF weights into ordinary float tensors on load (they are
+    what was trained), but keeps the GGUF "quantizer" attached, and ``save_pretrained``
+    then refuses to serialise the model. Dropping it saves the dense weights; reloading
+    them gives identical outputs.
+    """
+    q = getattr(model.config, "quantization_config", None)
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    if q is not None and str(method).lower().endswith("gguf"):
+        model.hf_quantizer = None
+        del model.config.quantization_config
