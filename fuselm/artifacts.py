@@ -474,5 +474,6 @@ def _summary(man: Mapping[str, Any]) -> str:
         if isinstance(stats.get(k), int | float)
     ]
     parts = [f"{k}={stats[k]}" for k in keys]
-    parts.append(f"{len(man.get('shards', []))} shards")
+    if man.get("shards"):
+        parts.append(f"{len(man['shards'])} shards")
     return ", ".join(parts)

@@ -143,9 +143,21 @@ def capture_scores(
 
     want = {b["hash"]: b for b in blocks}
     found: dict[str, BlockScore] = {}
+    lossy = 0
     for cb in iter_capture(run_dir, source, split="validation"):
-        if cb.hash in want:
+        if cb.hash in want and cb.hash not in found:
             found[cb.hash] = _score(want[cb.hash], cb.token_ids, cb.offsets, cb.gold)
+            lossy += not cb.text_roundtrip
+    if lossy:
+        # A tokenizer that cannot reproduce the text ([UNK], dropped whitespace, lower-
+        # casing) is never asked to predict what it drops: its bits per byte flatter it.
+        log.warning(
+            "eval: '%s' does not reproduce the text of %d of %d held-out blocks; its bits "
+            "per byte are optimistic (it never pays for what its tokenizer drops)",
+            source,
+            lossy,
+            len(found),
+        )
     missing = [h for h in want if h not in found]
     if missing:
         raise StageError(
@@ -153,6 +165,18 @@ def capture_scores(
             f"{want[missing[0]]['block_id']}); rerun `fuselm capture` (it may be stale)"
         )
     return [found[b["hash"]] for b in blocks]
+
+
+def _lossless_share(run_dir: Path, source: str, blocks: Sequence[dict[str, Any]]) -> float:
+    """Share of the blocks whose text the source's tokens reproduce exactly."""
+    from fuselm.capture.storage import iter_capture
+
+    want = {b["hash"] for b in blocks}
+    seen: dict[str, bool] = {}
+    for cb in iter_capture(run_dir, source, split="validation"):
+        if cb.hash in want:
+            seen.setdefault(cb.hash, cb.text_roundtrip)
+    return sum(seen.values()) / len(seen) if seen else float("nan")
 
 
 def aggregate(scores: Iterable[BlockScore], perplexity: bool = False) -> dict[str, Any]:
@@ -212,7 +236,7 @@ def comparison_table(results: dict[str, Any]) -> str:
     header = ["model", "kind", *domains, "all"]
     rows = [
         [
-            name,
+            name + ("*" if r.get("lossless_share", 1.0) < 1.0 else ""),
             r["kind"],
             *(
                 f"{r['domains'][d]['bits_per_byte']:.4f}" if d in r["domains"] else "-"
@@ -228,6 +252,11 @@ def comparison_table(results: dict[str, Any]) -> str:
         for line in [header, *rows]
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if any(r.get("lossless_share", 1.0) < 1.0 for r in models.values()):
+        lines.append(
+            "* its tokenizer does not reproduce the text ([UNK], dropped whitespace or "
+            "normalisation): optimistic, not comparable"
+        )
     return "\n".join(lines)
 
 
@@ -309,6 +338,9 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
         kind = "target" if m is cfg.target else "source"
         digest = tokenizer_digest(load_tokenizer(m))
         add(m.resolved_name(), kind, capture_scores(run_dir, m.resolved_name(), blocks), digest)
+        results["models"][m.resolved_name()]["lossless_share"] = _lossless_share(
+            run_dir, m.resolved_name(), blocks
+        )
     if not cfg.target.as_source:  # the untouched target was not captured: run it
         model = load_causal_lm(cfg.target)
         scores = score_blocks(

@@ -174,6 +174,37 @@ def _selection_shares(run_dir: Path) -> dict[str, float]:
     return {}
 
 
+def alignment_table(run_dir: Path) -> list[str]:
+    """Markdown rows of per-source alignment analytics from the align manifests."""
+    align_dir = Path(run_dir) / "align"
+    rows = []
+    for man_path in sorted(align_dir.glob("*/manifest.json")):
+        st = read_json(man_path).get("stats", {})
+        mass = st.get("topk_mass", {})
+        unmapped = ", ".join(
+            f"`{u.get('token', '?')}` x{u.get('count', '?')}"
+            for u in st.get("top_unmapped", [])[:3]
+        )
+        nan = float("nan")
+        rows.append(
+            f"| {man_path.parent.name} | {st.get('method_used', '-')} | "
+            f"{st.get('coverage', nan):.1%} | {st.get('one_to_one_share', nan):.1%} | "
+            f"{mass.get('exact', nan):.1%} | {mass.get('mined', nan):.1%} | "
+            f"{mass.get('lost', nan):.1%} | {unmapped or '-'} |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "## Alignment onto the target",
+        "",
+        "| source | method | coverage | 1:1 | mass exact | mass MinED | mass lost | "
+        "most frequent unmapped |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def run_report(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
     """Write ``report/report.md`` and its plots from the run's artifacts.
 
@@ -231,6 +262,7 @@ def run_report(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
             f"bits/byte) and {'beat' if overall['beats_best_source'] else 'did not beat'} the "
             f"best source {overall['best_source']} ({_fmt(overall['best_source_bpb'])})."
         )
+    lines += alignment_table(Path(run_dir))
     if has_curves:
         lines += ["", "## Training curves", "", "![training curves](training_curves.png)"]
     if has_shares:
@@ -244,5 +276,10 @@ def run_report(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
         ]
     text = "\n".join(lines) + "\n"
     atomic_write_bytes(out / "report.md", text.encode("utf-8"))
+    # A manifest like every stage's, so `fuselm status` shows the report as done; the
+    # report is cheap and always rewritten, hence force.
+    stage = Stage(run_dir, "report")
+    stage.begin({"eval": Stage(run_dir, "eval").manifest()["fingerprint"]}, {}, [], force=True)
+    stage.finish({"verdicts": len(ver)}, extra={"report": "report.md"})
     print(f"report: {out / 'report.md'}")
     return {"stats": {"verdicts": ver}, "path": str(out / "report.md")}

@@ -71,6 +71,7 @@ def test_demo_runs_the_implemented_stages(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "fuselm status" in out and "bits per byte" in out
     assert (run_dir / "report" / "report.md").exists()
+    assert Stage(run_dir, "report").manifest() is not None  # status: done
     assert Stage(run_dir, "train/control").manifest()["stats"]["steps"] == 4
 
 

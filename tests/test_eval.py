@@ -81,6 +81,10 @@ def test_eval_stage_end_to_end(base_config, write_config, tmp_path, capsys):
     assert res["models"]["tgt"]["kind"] == "target"
     assert "perplexity" in res["models"]["tgt"]["overall"]  # shares the target's tokenizer
     assert "perplexity" not in res["models"]["spm"]["overall"]
+    # WordPiece drops whitespace: flagged as not comparable
+    assert res["models"]["wp"]["lossless_share"] < 1.0
+    assert res["models"]["tgt"]["lossless_share"] == 1.0
+    assert "wp*" in out and "optimistic" in out
     for r in res["models"].values():
         assert r["overall"]["bits_per_byte"] > 0 and r["overall"]["bytes"] > 0
         # overall = byte-weighted combination of the domains
