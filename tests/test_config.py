@@ -170,3 +170,15 @@ def test_example_configs_are_valid():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         if path.name != "reference.yaml":
             load_config(path)
+
+
+def test_accelerate_configs_load():
+    """The shipped accelerate configs use field names accelerate knows (a typo would fail)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {}
+    for path in sorted((REPO / "configs" / "accelerate").glob("*.yaml")):
+        cfg = load_config_from_file(str(path))
+        kinds[path.stem] = str(cfg.distributed_type)
+    assert set(kinds) == {"ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"}
+    assert "DEEPSPEED" in kinds["deepspeed-zero3"] and "FSDP" in kinds["fsdp"]
