@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from common import peak_memory_per_variant
 
 from fuselm.train.losses import combined_loss, fusion_loss
 
@@ -174,14 +173,7 @@ def main() -> None:
         f"threads={torch.get_num_threads()} reps={args.reps}; one (B,T,V) float32 tensor = "
         f"{bvt_bytes / 2**20:.0f} MiB"
     )
-    # A fixed glibc mmap threshold: large blocks are mapped and unmapped, so RSS follows the
-    # live tensors (with the default, freed heap is reused and peaks are undercounted).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    peak = {}
-    for variant in VARIANTS:
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--memory-of", variant]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-        peak[variant] = json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+    peak = peak_memory_per_variant(__file__, sys.argv[1:], VARIANTS)
     best, losses = measure_time(args)
     for v in VARIANTS:
         print(

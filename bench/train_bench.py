@@ -31,12 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
+from common import peak_memory_per_variant
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from loss_bench import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
@@ -175,12 +175,7 @@ def main() -> None:
         f"layers={args.layers} fused K<={args.sources * args.k} device={args.device} "
         f"threads={torch.get_num_threads()}; one (B,T,V) float32 tensor = {bvt / 2**20:.0f} MiB"
     )
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    peak = {}
-    for v in VARIANTS:
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--memory-of", v]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-        peak[v] = json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+    peak = peak_memory_per_variant(__file__, sys.argv[1:], VARIANTS)
     best = measure_time(args)
     for v in VARIANTS:
         print(

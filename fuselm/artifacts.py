@@ -135,6 +135,35 @@ def write_parquet_atomic(path: Path, table: Any, **options: Any) -> Path:
     return path
 
 
+def read_shard_metadata(
+    path: str | Path, meta_key: bytes, version: int, stage: str, error: type[Exception]
+) -> dict[str, Any]:
+    """The JSON format metadata a stage stores in its Parquet shards' schema, checked.
+
+    Args:
+        path: the shard.
+        meta_key: the schema metadata key holding the JSON.
+        version: the format version this code reads.
+        stage: the stage name for messages (``capture``, ``align``).
+        error: the exception type to raise.
+
+    Raises:
+        error: not a shard of this stage, or written in another format version.
+    """
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    if meta_key not in meta:
+        raise error(f"{path} is not a fuselm {stage} shard (no {meta_key!r} metadata)")
+    info = json.loads(meta[meta_key])
+    if info.get("format") != version:
+        raise error(
+            f"{path}: {stage} format {info.get('format')} is not {version}; "
+            f"re-run `fuselm {stage} --force` with this version"
+        )
+    return info
+
+
 def read_json(path: Path) -> Any:
     """Read a JSON file, turning corruption into a StageError that names the file."""
     try:

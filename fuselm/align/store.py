@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from fuselm.align.records import AlignedBlock
+from fuselm.artifacts import read_shard_metadata
 from fuselm.capture import storage as cap
 
 # Private helpers of the capture codec, reused rather than duplicated (same byte layout).
@@ -205,18 +206,7 @@ def parquet_options() -> dict[str, Any]:
 
 def shard_metadata(path: str | Path) -> dict[str, Any]:
     """The format metadata of an align shard (version, k, step, source, diagnostics)."""
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(path).metadata or {}
-    if META_KEY not in meta:
-        raise AlignFormatError(f"{path} is not a fuselm align shard (no {META_KEY!r} metadata)")
-    info = json.loads(meta[META_KEY])
-    if info.get("format") != FORMAT_VERSION:
-        raise AlignFormatError(
-            f"{path}: align format {info.get('format')} is not {FORMAT_VERSION}; "
-            "re-run `fuselm align --force` with this version"
-        )
-    return info
+    return read_shard_metadata(path, META_KEY, FORMAT_VERSION, "align", AlignFormatError)
 
 
 def iter_shard(path: str | Path) -> Iterator[AlignedBlock]:

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from fuselm.artifacts import read_shard_metadata
+
 FORMAT_VERSION = 1
 STEP = 1.0 / 64.0  # nats per quantisation step: error <= STEP / 2 = 0.0078 nat
 NEG_INF_CODE = 0xFFFF
@@ -312,18 +314,7 @@ def parquet_options() -> dict[str, Any]:
 
 def shard_metadata(path: str | Path) -> dict[str, Any]:
     """The format metadata of a capture shard (version, k, step, source info)."""
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(path).metadata or {}
-    if META_KEY not in meta:
-        raise CaptureFormatError(f"{path} is not a fuselm capture shard (no {META_KEY!r} metadata)")
-    info = json.loads(meta[META_KEY])
-    if info.get("format") != FORMAT_VERSION:
-        raise CaptureFormatError(
-            f"{path}: capture format {info.get('format')} is not {FORMAT_VERSION}; "
-            "re-run `fuselm capture --force` with this version"
-        )
-    return info
+    return read_shard_metadata(path, META_KEY, FORMAT_VERSION, "capture", CaptureFormatError)
 
 
 def read_shard(path: str | Path) -> list[CaptureBlock]:
