@@ -272,6 +272,11 @@ class EvalConfig:
     control: bool = _f(True, "Also train and evaluate a CLM-only control (λ = 1, same budget).")
     unit: Literal["byte", "char"] = _f("byte", "Cross-tokenizer metric: bits per byte or char.")
     lm_eval_tasks: list[str] = _f([], "lm-evaluation-harness tasks to run (optional extra).")
+    lm_eval_include: str = _f(
+        "", "Folder of extra lm-eval task YAMLs + local data (paths relative to each YAML)."
+    )
+    lm_eval_limit: int = _f(0, "Evaluate at most this many documents per lm-eval task (0 = all).")
+    lm_eval_batch_size: int = _f(8, "lm-eval batch size.")
     max_blocks: int = _f(0, "Evaluate at most this many held-out blocks (0 = all).")
 
 

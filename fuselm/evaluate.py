@@ -317,7 +317,15 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
         "prepare": prep["fingerprint"] if prep else None,
         "captures": captured,
         "trained": {v: Stage(run_dir, f"train/{v}").manifest()["fingerprint"] for v in trained},
-        "eval": {"max_blocks": cfg.eval.max_blocks, "unit": cfg.eval.unit},
+        "eval": {
+            "max_blocks": cfg.eval.max_blocks,
+            "unit": cfg.eval.unit,
+            "lm_eval": [
+                cfg.eval.lm_eval_tasks,
+                cfg.eval.lm_eval_include,
+                cfg.eval.lm_eval_limit,
+            ],
+        },
         "target_untouched": None if cfg.target.as_source else to_dict(cfg.target),
     }
     stage = Stage(run_dir, "eval")
@@ -366,6 +374,27 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
         )
         add(f"{target_name}-{variant}", variant, scores, target_digest)
         del model
+    if cfg.eval.lm_eval_tasks:  # downstream tasks (optional extra), target before/after
+        from fuselm.lmeval import run_lm_eval
+
+        saved = dict(tokenizer="", gguf_file="", revision="")
+        variants = [(target_name, cfg.target)] + [
+            (f"{target_name}-{v}", replace(cfg.target, model=str(p), **saved))
+            for v, p in trained.items()
+        ]
+        results["lm_eval"] = {}
+        for name, m in variants:
+            model = load_causal_lm(m)
+            results["lm_eval"][name] = run_lm_eval(
+                model,
+                load_tokenizer(m),
+                list(cfg.eval.lm_eval_tasks),
+                cfg.eval.lm_eval_include or None,
+                cfg.eval.lm_eval_limit or None,
+                cfg.eval.lm_eval_batch_size,
+            )
+            log.info("eval: lm-eval %s: %s", name, results["lm_eval"][name])
+            del model
     atomic_write_json(stage.path / "results.json", results)
     atomic_write_bytes(stage.path / "results.csv", results_csv(results).encode("utf-8"))
     table = comparison_table(results)
