@@ -205,6 +205,26 @@ def alignment_table(run_dir: Path) -> list[str]:
     ]
 
 
+def selection_by_domain(run_dir: Path) -> list[str]:
+    """Markdown table: per domain, the share of positions at which each source led fusion."""
+    man = Stage(run_dir, "train/fused").manifest()
+    by_dom = ((man or {}).get("stats", {}).get("fusion") or {}).get("selection_share_by_domain")
+    if not by_dom:
+        return []
+    sources = sorted({src for shares in by_dom.values() for src in shares})
+    return [
+        "",
+        "Selection share per domain (positions at which each source led fusion):",
+        "",
+        "| domain | " + " | ".join(sources) + " |",
+        "|---" * (len(sources) + 1) + "|",
+        *(
+            f"| {dom} | " + " | ".join(f"{shares.get(s, 0):.1%}" for s in sources) + " |"
+            for dom, shares in by_dom.items()
+        ),
+    ]
+
+
 def run_report(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
     """Write ``report/report.md`` and its plots from the run's artifacts.
 
@@ -273,6 +293,7 @@ def run_report(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
             *(f"- {k}: {v:.1%}" for k, v in shares.items()),
             "",
             "![source selection](source_selection.png)",
+            *selection_by_domain(Path(run_dir)),
         ]
     text = "\n".join(lines) + "\n"
     atomic_write_bytes(out / "report.md", text.encode("utf-8"))

@@ -39,6 +39,11 @@ def test_run_end_to_end_skip_and_repair(base_config, write_config, tmp_path, cap
         assert Stage(run_dir, name).manifest() is not None, name
     for png in ("bits_per_byte.png", "training_curves.png"):
         assert (run_dir / "report" / png).stat().st_size > 2000
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "Did fusion help?" in report and "Selection share per domain" in report
+    shares = Stage(run_dir, "train/fused").manifest()["stats"]["fusion"]
+    for dom_shares in shares["selection_share_by_domain"].values():
+        assert abs(sum(dom_shares.values()) - 1.0) < 1e-3
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert {r["kind"] for r in results["models"].values()} == {
         "target",

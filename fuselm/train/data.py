@@ -86,6 +86,7 @@ class FusionStats:
     no_teacher: int = 0
     fallback: str = "one_hot_next"
     max_width: int = 0
+    by_domain: dict[str, list[int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready figures with shares."""
@@ -94,6 +95,13 @@ class FusionStats:
         return {
             "blocks": self.blocks,
             "positions": self.positions,
+            "selection_share_by_domain": {
+                dom: {
+                    src: round(n / max(sum(counts), 1), 6)
+                    for src, n in zip(self.sources, counts, strict=True)
+                }
+                for dom, counts in sorted(self.by_domain.items())
+            },
             "selection_share": {
                 s: round(n / total, 6) for s, n in zip(self.sources, self.selected, strict=True)
             },
@@ -381,6 +389,10 @@ def build_examples(
             fusion.positions += ref.n_positions
             fusion.selected = [
                 a + int(b) for a, b in zip(fusion.selected, fb.selected, strict=True)
+            ]
+            dom = fusion.by_domain.setdefault(ref.domain, [0] * len(fusion.sources))
+            fusion.by_domain[ref.domain] = [
+                a + int(b) for a, b in zip(dom, fb.selected, strict=True)
             ]
             fusion.no_teacher += fb.no_teacher
             fusion.max_width = max(fusion.max_width, fb.width)
