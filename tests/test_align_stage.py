@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from fuselm.align import align_offsets, remap_topk, special_positions, vocab_surface
+from fuselm.align.blocks import encode_target, token_byte_ends
 from fuselm.align.dtw import TokenSeq, align_mined_dp
 from fuselm.align.offsets import text_index
 from fuselm.align.records import AlignedBlock
-from fuselm.align.stage import encode_target, token_byte_ends
 from fuselm.align.store import (
     align_manifest,
     aligned_shards,
