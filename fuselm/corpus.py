@@ -19,15 +19,21 @@ import json
 import logging
 import unicodedata
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fuselm.artifacts import Stage, StageError, file_digest, fingerprint, text_digest
-from fuselm.config import CorpusInput, PipelineConfig, to_dict
+from fuselm.artifacts import Stage, StageError, text_digest
+from fuselm.config import PipelineConfig, to_dict
+from fuselm.documents import (
+    CorpusError,
+    Document,
+    input_identity,
+    iter_documents,
+)
 from fuselm.progress import progress
 
 log = logging.getLogger("fuselm.prepare")
@@ -44,228 +50,6 @@ BLOCK_COLUMNS = (
     "hash",
     "text",
 )
-
-
-class CorpusError(StageError):
-    """The corpus cannot be read; the message names the input, the file and what to do."""
-
-
-@dataclass(frozen=True)
-class Document:
-    """One document of the corpus (a file, a jsonl line, a row)."""
-
-    doc_id: str
-    text: str
-    domain: str
-    origin: str  # file[:line] for messages
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def _decode(data: bytes, origin: str, errors: str) -> str:
-    try:
-        return data.decode("utf-8", errors="strict" if errors == "strict" else "replace")
-    except UnicodeDecodeError as e:
-        raise CorpusError(
-            f"{origin}: not valid UTF-8 at byte offset {e.start} ({e.reason}); convert the file "
-            "to UTF-8, or set corpus.errors=replace to substitute U+FFFD"
-        ) from None
-
-
-def looks_binary(path: Path) -> bool:
-    """Whether a file has a NUL byte in its first 8 KB (folders hold .pyc, images...)."""
-    with open(path, "rb") as f:
-        return b"\x00" in f.read(8192)
-
-
-def input_format(inp: CorpusInput, path: Path) -> str:
-    """The format of one input file: the configured one, else by extension."""
-    if inp.format != "auto":
-        return inp.format
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        return "jsonl"
-    if suffix == ".parquet":
-        return "parquet"
-    return "text"
-
-
-def input_files(inp: CorpusInput, key: str) -> list[Path]:
-    """The files of one input, sorted; hidden files and folders are skipped."""
-    root = Path(inp.path)
-    if not root.exists():
-        raise CorpusError(f"{key}.path: {root} does not exist; fix the path in the config")
-    if root.is_file():
-        return [root]
-    files = sorted(
-        p
-        for p in root.glob(inp.glob)
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    return files
-
-
-def iter_documents(
-    inp: CorpusInput, index: int, errors: str, counters: dict[str, int]
-) -> Iterator[Document]:
-    """Yield the documents of one corpus input.
-
-    Args:
-        inp: the input's configuration.
-        index: its position in ``corpus.inputs`` (part of document ids and messages).
-        errors: ``strict`` or ``replace`` for invalid UTF-8.
-        counters: incremented in place (``skipped_binary``).
-
-    Raises:
-        CorpusError: missing path, invalid UTF-8 (strict), malformed jsonl, missing field.
-    """
-    key = f"corpus.inputs[{index}]"
-    default_domain = inp.domain or "default"
-    if inp.hf_dataset:
-        yield from _iter_hf(inp, index, key, default_domain)
-        return
-    root = Path(inp.path)
-    emitted = 0
-    for path in input_files(inp, key):
-        rel = path.name if root.is_file() else str(path.relative_to(root))
-        fmt = input_format(inp, path)
-        if fmt == "text":
-            if root.is_dir() and looks_binary(path):
-                counters["skipped_binary"] += 1  # folders hold .pyc, images...: not text
-                continue
-            docs: Iterator[Document] = iter(
-                [
-                    Document(
-                        f"{index}:{rel}",
-                        _decode(path.read_bytes(), str(path), errors),
-                        default_domain,
-                        str(path),
-                    )
-                ]
-            )
-        elif fmt == "jsonl":
-            docs = _iter_jsonl(inp, index, path, rel, errors, default_domain)
-        else:
-            docs = _iter_parquet(inp, index, path, rel, default_domain)
-        for doc in docs:
-            yield doc
-            emitted += 1
-            if inp.max_documents and emitted >= inp.max_documents:
-                return
-
-
-def _iter_jsonl(
-    inp: CorpusInput, index: int, path: Path, rel: str, errors: str, default_domain: str
-) -> Iterator[Document]:
-    raw = _decode(path.read_bytes(), str(path), errors)
-    if path.suffix.lower() == ".json" and raw.lstrip().startswith("["):
-        try:
-            rows = json.loads(raw)
-        except ValueError as e:
-            raise CorpusError(f"{path}: not valid JSON ({e})") from None
-        lines = [(i + 1, row) for i, row in enumerate(rows)]
-    else:
-        lines = []
-        for lineno, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                lines.append((lineno, json.loads(line)))
-            except ValueError as e:
-                raise CorpusError(f"{path}:{lineno}: not valid JSON ({e})") from None
-    for lineno, row in lines:
-        origin = f"{path}:{lineno}"
-        if not isinstance(row, dict):
-            raise CorpusError(f"{origin}: expected a JSON object with a '{inp.text_field}' field")
-        if inp.text_field not in row:
-            fields = ", ".join(map(str, row)) or "none"
-            raise CorpusError(
-                f"{origin}: no '{inp.text_field}' field (fields: {fields}); "
-                f"set corpus.inputs[{index}].text_field to the field that holds the text"
-            )
-        text = row[inp.text_field]
-        if not isinstance(text, str):
-            raise CorpusError(
-                f"{origin}: field '{inp.text_field}' is {type(text).__name__}, not text"
-            )
-        domain = row.get(inp.domain_field) or default_domain
-        yield Document(f"{index}:{rel}:{lineno}", text, str(domain), origin)
-
-
-def _iter_parquet(
-    inp: CorpusInput, index: int, path: Path, rel: str, default_domain: str
-) -> Iterator[Document]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    names = pf.schema_arrow.names
-    if inp.text_field not in names:
-        raise CorpusError(
-            f"{path}: no column '{inp.text_field}' (columns: {', '.join(names)}); "
-            f"set corpus.inputs[{index}].text_field"
-        )
-    cols = [inp.text_field] + ([inp.domain_field] if inp.domain_field in names else [])
-    row = 0
-    for batch in pf.iter_batches(columns=cols, batch_size=1024):  # streamed, never whole
-        data = batch.to_pydict()
-        domains = data.get(inp.domain_field, [None] * batch.num_rows)
-        for text, dom in zip(data[inp.text_field], domains, strict=True):
-            row += 1
-            if text is None:
-                text = ""
-            yield Document(
-                f"{index}:{rel}:{row}", str(text), str(dom or default_domain), f"{path} row {row}"
-            )
-
-
-def _iter_hf(inp: CorpusInput, index: int, key: str, default_domain: str) -> Iterator[Document]:
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(
-            inp.hf_dataset, inp.hf_config or None, split=inp.hf_split, streaming=True
-        )
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CorpusError(
-            f"{key}.hf_dataset: cannot load '{inp.hf_dataset}' ({first}). Without access to "
-            "the Hugging Face hub (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, or no network), "
-            "save the dataset as jsonl/parquet on a connected machine and use `path` instead"
-        ) from None
-    for row_no, row in enumerate(ds):
-        if inp.max_documents and row_no >= inp.max_documents:
-            return
-        if inp.text_field not in row:
-            raise CorpusError(
-                f"{key}: dataset '{inp.hf_dataset}' has no field '{inp.text_field}' "
-                f"(fields: {', '.join(row)}); set {key}.text_field"
-            )
-        domain = row.get(inp.domain_field) or default_domain
-        yield Document(
-            f"{index}:{inp.hf_dataset}:{row_no}",
-            str(row[inp.text_field] or ""),
-            str(domain),
-            f"{inp.hf_dataset} row {row_no}",
-        )
-
-
-def input_identity(inp: CorpusInput) -> dict[str, Any]:
-    """Content identity of one input, for the stage fingerprint (edits make prepare stale)."""
-    if inp.hf_dataset:
-        return {"hf_dataset": inp.hf_dataset, "config": inp.hf_config, "split": inp.hf_split}
-    root = Path(inp.path)
-    if not root.exists():
-        return {"path": inp.path, "missing": True}
-    if root.is_file():
-        return {"path": inp.path, "sha256": file_digest(root)}
-    files = [p for p in sorted(root.glob(inp.glob)) if p.is_file()]
-    files = [p for p in files if not any(s.startswith(".") for s in p.relative_to(root).parts)]
-    return {
-        "path": inp.path,
-        "files": len(files),
-        "sha256": fingerprint([(str(p.relative_to(root)), file_digest(p)) for p in files]),
-    }
 
 
 # --------------------------------------------------------------------------- blocking

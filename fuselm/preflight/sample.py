@@ -26,7 +26,13 @@ from fuselm.config import CorpusInput, PipelineConfig
 
 # Prepare's own file rules (which files, which format, what is binary; private there, see
 # the issue notes), so that the sample and the size cover exactly what prepare reads.
-from fuselm.corpus import CorpusError, input_files, input_format, iter_documents, looks_binary
+from fuselm.documents import (
+    CorpusError,
+    input_files,
+    input_format,
+    iter_documents,
+    looks_binary,
+)
 from fuselm.preflight.probes import MIXED_TEXT
 
 # Above this many files the binary check (reads 8 KB per file) is skipped for the total.
