@@ -91,19 +91,29 @@ def tokenizer_digest(tokenizer: Any) -> str:
 # --------------------------------------------------------------------------- atomic writes
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file + fsync + rename (all or nothing)."""
+@contextlib.contextmanager
+def _atomic_target(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success fsync it and rename it over.
+
+    The temporary name carries the process id, so several processes may write different
+    files of one stage; a failed write leaves neither a temporary nor a partial file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file + fsync + rename (all or nothing)."""
+    with _atomic_target(Path(path)) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -113,25 +123,16 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def write_parquet_atomic(path: Path, table: Any, **options: Any) -> Path:
-    """Write a ``pyarrow.Table`` to ``path`` via a temporary file + fsync + rename.
+    """Write a ``pyarrow.Table`` to ``path`` atomically (temporary file + fsync + rename).
 
-    Like ``Stage.write_table`` but with any ``pyarrow.parquet.write_table`` options
-    (compression level, per-column dictionaries/statistics); the temporary name carries
-    the process id, so several processes may write different shards of one stage.
+    Accepts any ``pyarrow.parquet.write_table`` options (compression level, per-column
+    dictionaries/statistics).
     """
     import pyarrow.parquet as pq
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with _atomic_target(path) as tmp:
         pq.write_table(table, tmp, **options)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
     return path
 
 

@@ -136,9 +136,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         raise StageError(f"{run_dir} does not exist")
     cfg = load_config(args.config, args.overrides) if args.config else None
     print(f"run dir {run_dir.resolve()}")
+    cache: dict[str, Any] = {}
     for name in STAGES:
         for sub in _stage_dirs(run_dir, name, cfg):
-            components = _current_components(sub, cfg, run_dir) if cfg is not None else None
+            components = None if cfg is None else _current_components(sub, cfg, run_dir, cache)
             st = Stage(run_dir, sub).status(components)
             detail = f"  ({st.detail})" if st.detail else ""
             print(f"  {sub:<24} {st.state}{detail}")
@@ -160,39 +161,54 @@ def _stage_dirs(run_dir: Path, name: str, cfg: PipelineConfig | None) -> list[st
 
 
 def _current_components(
-    stage: str, cfg: PipelineConfig, run_dir: Path | None = None
+    stage: str, cfg: PipelineConfig, run_dir: Path | None = None, cache: dict | None = None
 ) -> dict[str, Any] | None:
-    """The fingerprint components a stage would have if run now (None: not checkable)."""
-    from fuselm.artifacts import fingerprint, tokenizer_digest
-    from fuselm.corpus import _tokenizer_budgets, prepare_components
+    """The fingerprint components a stage would have if run now (None: not checkable).
 
-    prepare = prepare_components(cfg, _tokenizer_budgets(cfg))
+    ``cache`` memoises per stage within one ``fuselm status``: every capture and alignment
+    depends on the prepare fingerprint (which hashes the whole corpus), and every
+    alignment on the captures, so without it the corpus would be hashed once per stage.
+    """
+    from fuselm.artifacts import fingerprint, tokenizer_digest
+
+    cache = {} if cache is None else cache
+    if stage in cache:
+        return cache[stage]
+    result: dict[str, Any] | None = None
     if stage == "prepare":
-        return prepare
-    if stage.startswith("capture/") and _runner_exists("capture"):
+        from fuselm.corpus import _tokenizer_budgets, prepare_components
+
+        result = prepare_components(cfg, _tokenizer_budgets(cfg))
+    elif stage.startswith("capture/") and _runner_exists("capture"):
         from fuselm.capture.stage import capture_components
         from fuselm.models import load_tokenizer, resolve_device, resolve_dtype
 
         name = stage.split("/", 1)[1]
         model = next((m for m in cfg.teachers() if m.resolved_name() == name), None)
-        if model is None:
-            return None
-        dtype = str(resolve_dtype(model.dtype, resolve_device(model.device))).removeprefix("torch.")
-        # The CURRENT prepare fingerprint: an edited corpus makes every capture stale too.
-        digest = tokenizer_digest(load_tokenizer(model))
-        return capture_components(cfg, model, fingerprint(prepare), digest, dtype)
-    if stage.startswith("align/") and _runner_exists("align"):
+        if model is not None:
+            device = resolve_device(model.device)
+            dtype = str(resolve_dtype(model.dtype, device)).removeprefix("torch.")
+            # The CURRENT prepare fingerprint: an edited corpus makes every capture stale.
+            prepare_fp = fingerprint(_current_components("prepare", cfg, run_dir, cache))
+            digest = tokenizer_digest(load_tokenizer(model))
+            result = capture_components(cfg, model, prepare_fp, digest, dtype)
+    elif stage.startswith("align/") and _runner_exists("align"):
         from fuselm.align.stage import current_components
 
         def capture_fp(m: Any) -> str:
-            return fingerprint(_current_components(f"capture/{m.resolved_name()}", cfg))
+            return fingerprint(
+                _current_components(f"capture/{m.resolved_name()}", cfg, run_dir, cache)
+            )
 
-        return current_components(cfg, stage.split("/", 1)[1], fingerprint(prepare), capture_fp)
-    if stage.startswith("train/") and _runner_exists("train"):
+        prepare_fp = fingerprint(_current_components("prepare", cfg, run_dir, cache))
+        result = current_components(cfg, stage.split("/", 1)[1], prepare_fp, capture_fp)
+    elif stage.startswith("train/") and _runner_exists("train"):
         from fuselm.train.stage import current_components as train_components
 
-        return train_components(cfg, run_dir, stage.split("/", 1)[1])
-    return None  # eval and report are cheap: they are rerun, not checked
+        result = train_components(cfg, run_dir, stage.split("/", 1)[1])
+    # eval and report are cheap: they are rerun, not checked
+    cache[stage] = result
+    return result
 
 
 def _runner_exists(name: str) -> bool:

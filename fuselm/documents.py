@@ -233,8 +233,7 @@ def input_identity(inp: CorpusInput) -> dict[str, Any]:
         return {"path": inp.path, "missing": True}
     if root.is_file():
         return {"path": inp.path, "sha256": file_digest(root)}
-    files = [p for p in sorted(root.glob(inp.glob)) if p.is_file()]
-    files = [p for p in files if not any(s.startswith(".") for s in p.relative_to(root).parts)]
+    files = input_files(inp, "corpus.inputs")  # the very files prepare reads
     return {
         "path": inp.path,
         "files": len(files),

@@ -139,6 +139,16 @@ def capture_scores(
     Raises:
         StageError: the capture lacks one of the blocks (it was made from other blocks).
     """
+    return _read_capture(run_dir, source, blocks)[0]
+
+
+def _read_capture(
+    run_dir: Path, source: str, blocks: Sequence[dict[str, Any]]
+) -> tuple[list[BlockScore], float]:
+    """One pass over a source's capture: its scores, and its share of lossless blocks.
+
+    The share counts the blocks whose text the source's tokens reproduce exactly.
+    """
     from fuselm.capture.storage import iter_capture
 
     want = {b["hash"]: b for b in blocks}
@@ -164,19 +174,8 @@ def capture_scores(
             f"eval: capture of '{source}' lacks {len(missing)} held-out blocks (e.g. "
             f"{want[missing[0]]['block_id']}); rerun `fuselm capture` (it may be stale)"
         )
-    return [found[b["hash"]] for b in blocks]
-
-
-def _lossless_share(run_dir: Path, source: str, blocks: Sequence[dict[str, Any]]) -> float:
-    """Share of the blocks whose text the source's tokens reproduce exactly."""
-    from fuselm.capture.storage import iter_capture
-
-    want = {b["hash"] for b in blocks}
-    seen: dict[str, bool] = {}
-    for cb in iter_capture(run_dir, source, split="validation"):
-        if cb.hash in want:
-            seen.setdefault(cb.hash, cb.text_roundtrip)
-    return sum(seen.values()) / len(seen) if seen else float("nan")
+    lossless = 1.0 - lossy / len(found) if found else float("nan")
+    return [found[b["hash"]] for b in blocks], lossless
 
 
 def aggregate(scores: Iterable[BlockScore], perplexity: bool = False) -> dict[str, Any]:
@@ -345,10 +344,9 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
     for m in teachers:
         kind = "target" if m is cfg.target else "source"
         digest = tokenizer_digest(load_tokenizer(m))
-        add(m.resolved_name(), kind, capture_scores(run_dir, m.resolved_name(), blocks), digest)
-        results["models"][m.resolved_name()]["lossless_share"] = _lossless_share(
-            run_dir, m.resolved_name(), blocks
-        )
+        scores, lossless = _read_capture(run_dir, m.resolved_name(), blocks)
+        add(m.resolved_name(), kind, scores, digest)
+        results["models"][m.resolved_name()]["lossless_share"] = lossless
     if not cfg.target.as_source:  # the untouched target was not captured: run it
         model = load_causal_lm(cfg.target)
         scores = score_blocks(

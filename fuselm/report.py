@@ -75,12 +75,18 @@ def _yes(v: bool | None) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def _plot_bpb(results: dict[str, Any], path: Path) -> None:
+def _pyplot() -> Any:
+    """Matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot_bpb(results: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
     models = results["models"]
     domains = sorted({d for r in models.values() for d in r["domains"]}) + ["all"]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(domains) + 2), 4))
@@ -118,11 +124,7 @@ def _read_log(path: Path) -> list[dict[str, Any]]:
 
 
 def _plot_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     if not any(logs.values()):
         return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -143,11 +145,7 @@ def _plot_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> bool:
 
 
 def _plot_selection(shares: dict[str, float], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     if not shares:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -164,14 +162,9 @@ def _plot_selection(shares: dict[str, float], path: Path) -> bool:
 
 
 def _selection_shares(run_dir: Path) -> dict[str, float]:
+    """Per source, the share of positions at which it led fusion (train manifest)."""
     man = Stage(run_dir, "train/fused").manifest()
-    stats = (man or {}).get("stats", {})
-    for key in ("selection_shares", "source_selection", "selected"):
-        val = stats.get(key)
-        if isinstance(val, dict) and val:
-            total = sum(float(v) for v in val.values()) or 1.0
-            return {k: float(v) / total for k, v in val.items()}
-    return {}
+    return dict(((man or {}).get("stats", {}).get("fusion") or {}).get("selection_share") or {})
 
 
 def alignment_table(run_dir: Path) -> list[str]:

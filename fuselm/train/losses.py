@@ -144,14 +144,12 @@ def fusion_loss(
             ``kind``, or ``tail_bucket`` with ``temperature != 1``.
     """
     _check_logits_labels(student_logits, labels, ignore_index)
-    _check_fusion_options(kind, temperature, tail_bucket, teacher_tail_logmass)
-    _check_teacher(
-        student_logits, teacher_ids, teacher_logprobs, teacher_tail_logmass, labels, ignore_index
-    )
-    target = _FusionTarget.build(
+    target = _fusion_target(
+        student_logits,
         teacher_ids,
         teacher_logprobs,
         labels,
+        kind,
         temperature,
         tail_bucket,
         teacher_tail_logmass,
@@ -234,19 +232,12 @@ def combined_loss(
     else:
         if teacher_ids is None or teacher_logprobs is None:
             raise ValueError(f"lam={lam} < 1 needs teacher_ids and teacher_logprobs")
-        _check_fusion_options(kind, temperature, tail_bucket, teacher_tail_logmass)
-        _check_teacher(
+        target = _fusion_target(
             student_logits,
             teacher_ids,
             teacher_logprobs,
-            teacher_tail_logmass,
             labels,
-            ignore_index,
-        )
-        target = _FusionTarget.build(
-            teacher_ids,
-            teacher_logprobs,
-            labels,
+            kind,
             temperature,
             tail_bucket,
             teacher_tail_logmass,
@@ -279,3 +270,30 @@ def combined_loss(
 
 
 # --------------------------------------------------------------------------- internals
+
+
+def _fusion_target(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    labels: Tensor,
+    kind: str,
+    temperature: float,
+    tail_bucket: bool,
+    teacher_tail_logmass: Tensor | None,
+    ignore_index: int,
+) -> _FusionTarget:
+    """Validate the teacher and options, then build the sparse target (both losses use it)."""
+    _check_fusion_options(kind, temperature, tail_bucket, teacher_tail_logmass)
+    _check_teacher(
+        student_logits, teacher_ids, teacher_logprobs, teacher_tail_logmass, labels, ignore_index
+    )
+    return _FusionTarget.build(
+        teacher_ids,
+        teacher_logprobs,
+        labels,
+        temperature,
+        tail_bucket,
+        teacher_tail_logmass,
+        ignore_index,
+    )

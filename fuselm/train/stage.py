@@ -222,8 +222,6 @@ def train_variant(
     }
     if variant == "control":
         stats.pop("fusion", None)
-    else:  # flat copy for readers of the manifest (report plots it)
-        stats["selection_shares"] = stats["fusion"]["selection_share"]
     man: dict[str, Any] = {}
     if state.is_main_process:
         man = stage.finish(

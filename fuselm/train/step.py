@@ -7,7 +7,7 @@ the pieces tests and ``bench/train_bench.py`` use on their own.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -60,28 +60,8 @@ class TrainSettings:
     @classmethod
     def from_config(cls, train: Any, lam: float | None = None) -> TrainSettings:
         """Build from a :class:`fuselm.config.TrainConfig` (``lam`` overrides λ)."""
-        return cls(
-            lam=train.clm_weight if lam is None else lam,
-            fusion_loss=train.fusion_loss,
-            temperature=train.temperature,
-            tail_bucket=train.tail_bucket,
-            learning_rate=train.learning_rate,
-            adam_beta1=train.adam_beta1,
-            adam_beta2=train.adam_beta2,
-            weight_decay=train.weight_decay,
-            warmup_ratio=train.warmup_ratio,
-            lr_scheduler=train.lr_scheduler,
-            max_grad_norm=train.max_grad_norm,
-            epochs=train.epochs,
-            max_steps=train.max_steps,
-            batch_size=train.batch_size,
-            grad_accum=train.grad_accum,
-            precision=train.precision,
-            seed=train.seed,
-            save_steps=train.save_steps,
-            # Not a TrainConfig field yet; picked up as soon as it is added.
-            gradient_checkpointing=bool(getattr(train, "gradient_checkpointing", False)),
-        )
+        shared = {f.name: getattr(train, f.name) for f in fields(cls) if f.name != "lam"}
+        return cls(lam=train.clm_weight if lam is None else lam, **shared)
 
     @property
     def uses_teacher(self) -> bool:
