@@ -6,7 +6,8 @@ Pure functions on arrays: no file I/O, no model loading. The align stage (``stag
 
 - ``surface``: what text each vocabulary entry stands for, per tokenizer family.
 - ``offsets``: token alignment from character offsets (exact, near-linear).
-- ``dtw``: token alignment by DP over token strings (the paper's method, vectorised).
+- ``dtw``: token alignment by DP over token strings (the paper's method, vectorised);
+  ``verify`` checks its pairings against the text, ``tokenseq`` is their shared record.
 - ``vocab``: EM / MinED vocabulary maps and top-k remapping with mass accounting.
 - ``diagnostics``: coverage and one-to-one shares.
 
