@@ -157,6 +157,12 @@ class CaptureConfig:
     top_k: int = _f(10, "Teacher entries kept per position. Paper: 10.")
     batch_tokens: int = _f(8192, "Tokens per forward batch (blocks bucketed by length).")
     blocks_per_shard: int = _f(1000, "Blocks per capture shard.")
+    mode: Literal["offline", "online"] = _f(
+        "offline",
+        "offline = capture and align write teacher data to disk once, train reads it; "
+        "online = teachers run inside the training loop on each batch (no teacher data on "
+        "disk; teacher compute paid again by every training run).",
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= 1024:
@@ -244,6 +250,14 @@ class TrainConfig:
     )
     seed: int = _f(42, "Training seed.")
     save_steps: int = _f(0, "Checkpoint every N steps for resume (0 = at the end only).")
+    streaming: bool = _f(
+        False,
+        "Read the aligned shards a few at a time while training instead of fusing the whole "
+        "corpus in memory first (for corpora larger than memory; online mode always streams).",
+    )
+    shuffle_shards: int = _f(
+        4, "Streaming: shards whose rows are shuffled together (memory ~ 2x this many shards)."
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.clm_weight <= 1.0:
@@ -263,6 +277,8 @@ class TrainConfig:
             )
         if self.max_steps < 0 or self.save_steps < 0:
             raise ConfigError("max_steps and save_steps must be >= 0")
+        if self.shuffle_shards < 1:
+            raise _invalid("shuffle_shards", self.shuffle_shards, "use a positive count")
 
 
 @dataclass

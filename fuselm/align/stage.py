@@ -241,25 +241,7 @@ def align_source(
         src_surface = vocab_surface(tokenizer)
         cap_man = _checked_capture(run_dir, m, tokenizer_digest(tokenizer), prep["fingerprint"])
 
-    # Method actually used (see the module docstring for the normalising policy).
-    declared = {
-        "source": list(src_surface.info.normalizers),
-        "target": list(target.surface.info.normalizers),
-    }
-    if is_target:
-        method_used = IDENTITY
-    elif cfg.align.method == "offsets" and (declared["source"] or declared["target"]):
-        method_used = "mined_dp"
-        who = f"'{name}'" if declared["source"] else f"the target '{target.name}'"
-        log.warning(
-            "align %s: tokenizer of %s normalises text (%s), so its offsets do not index "
-            "text that reads like its tokens; using mined_dp for this source",
-            name,
-            who,
-            ", ".join(declared["source"] or declared["target"]),
-        )
-    else:
-        method_used = cfg.align.method
+    declared, method_used = choose_method(cfg, name, is_target, src_surface, target)
     vmap_fp = (
         f"{IDENTITY}:{src_surface.fingerprint}"
         if is_target
@@ -361,6 +343,80 @@ def align_source(
     )
 
 
+def choose_method(
+    cfg: PipelineConfig, name: str, is_target: bool, src_surface: VocabSurface, target: Any
+) -> tuple[dict[str, list[str]], str]:
+    """The alignment method used for one source, and the normalizers each side declares.
+
+    See the module docstring for the policy on normalising tokenizers. Shared with online
+    training (``fuselm.train.online``), so that both modes align alike.
+    """
+    declared = {
+        "source": list(src_surface.info.normalizers),
+        "target": list(target.surface.info.normalizers),
+    }
+    if is_target:
+        return declared, IDENTITY
+    if cfg.align.method == "offsets" and (declared["source"] or declared["target"]):
+        who = f"'{name}'" if declared["source"] else f"the target '{target.name}'"
+        log.warning(
+            "align %s: tokenizer of %s normalises text (%s), so its offsets do not index "
+            "text that reads like its tokens; using mined_dp for this source",
+            name,
+            who,
+            ", ".join(declared["source"] or declared["target"]),
+        )
+        return declared, "mined_dp"
+    return declared, cfg.align.method
+
+
+def align_one(
+    text: str,
+    b: Any,
+    tgt: Tokens,
+    meta: dict[str, Any],
+    *,
+    name: str,
+    src_surface: VocabSurface,
+    tgt_surface: VocabSurface,
+    vmap: VocabMap,
+    method_used: str,
+) -> tuple[Any, Any, list[Any] | None]:
+    """Align one captured block onto the target's tokens (the whole per-block step).
+
+    Used by the align stage and by online training, so both give the same records.
+
+    Returns:
+        ``(AlignedBlock, BlockDiag, mismatch example)``; the example is not None when the
+        block's offsets did not cover its text and ``mined_dp`` was used for it.
+    """
+    from fuselm.align import get_align_method
+
+    fn = None if method_used == IDENTITY else get_align_method(method_used)
+    bad = None
+    if method_used == "offsets":  # undeclared normalisation: this block only
+        bad = _uncovered(text, b, src_surface) or _uncovered(text, tgt, tgt_surface)
+        if bad is not None:
+            fn = get_align_method("mined_dp")
+    try:
+        rec, diag = align_block(
+            text,
+            b,
+            tgt,
+            src_surface=src_surface,
+            tgt_surface=tgt_surface,
+            vmap=vmap,
+            method=fn,
+            hash=b.hash,
+            block_id=meta["block_id"],
+            domain=meta["domain"],
+            split=meta["split"],
+        )
+    except ValueError as e:
+        raise StageError(f"align: source '{name}': block {b.block_id} (hash {b.hash}): {e}") from e
+    return rec, diag, bad
+
+
 def _align_shard(
     path: Path,
     shard: str,
@@ -373,9 +429,6 @@ def _align_shard(
     method_used: str,
 ) -> tuple[list[dict[str, Any]], _Totals, int]:
     """Align the blocks of one capture shard; return the encoded rows, totals and k."""
-    from fuselm.align import get_align_method
-
-    method = None if method_used == IDENTITY else get_align_method(method_used)
     k = int(cap_storage.shard_metadata(path)["k"])
     src_blocks = list(cap_storage.iter_shard(path))
     metas = []
@@ -396,31 +449,20 @@ def _align_shard(
     for b, meta in zip(src_blocks, metas, strict=True):
         text, tb = meta["text"], tgt_blocks[b.hash]
         tgt = Tokens(tb.token_ids, tb.offsets, tb.text_roundtrip)
-        fn = method
-        if method_used == "offsets":  # undeclared normalisation: this block only
-            bad = _uncovered(text, b, src_surface) or _uncovered(text, tgt, target.surface)
-            if bad is not None:
-                fn = get_align_method("mined_dp")
-                totals.blocks_mined_dp += 1
-                totals.examples.append([b.block_id, *bad])
-        try:
-            rec, diag = align_block(
-                text,
-                b,
-                tgt,
-                src_surface=src_surface,
-                tgt_surface=target.surface,
-                vmap=vmap,
-                method=fn,
-                hash=b.hash,
-                block_id=meta["block_id"],
-                domain=meta["domain"],
-                split=meta["split"],
-            )
-        except ValueError as e:
-            raise StageError(
-                f"align: source '{name}': block {b.block_id} (hash {b.hash}): {e}"
-            ) from e
+        rec, diag, bad = align_one(
+            text,
+            b,
+            tgt,
+            meta,
+            name=name,
+            src_surface=src_surface,
+            tgt_surface=target.surface,
+            vmap=vmap,
+            method_used=method_used,
+        )
+        if bad is not None:
+            totals.blocks_mined_dp += 1
+            totals.examples.append([b.block_id, *bad])
         totals.add(rec, diag)
         rows.append(store.encode_aligned(rec))
     if totals.blocks_mined_dp:
