@@ -46,6 +46,11 @@ class CorpusInput:
     hf_dataset: str = _f("", "Hugging Face dataset name (instead of path); needs the hub.")
     hf_config: str = _f("", "Dataset configuration name for hf_dataset (optional).")
     hf_split: str = _f("train", "Split of hf_dataset to read.")
+    hf_data_files: list[str] = _f(
+        [],
+        "Local files (globs allowed) for a builder hf_dataset (parquet, json, text), e.g. "
+        "hf_dataset: parquet, hf_data_files: [shards/*.parquet]; read streaming, offline.",
+    )
     format: Literal["auto", "text", "jsonl", "parquet"] = _f(
         "auto", "File format; auto = by extension (.jsonl/.json, .parquet, anything else text)."
     )
@@ -547,6 +552,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         for item in corpus["inputs"]:
             if isinstance(item, dict) and isinstance(item.get("path"), str) and item["path"]:
                 item["path"] = str((base / Path(item["path"]).expanduser()).resolve())
+            if isinstance(item, dict) and isinstance(item.get("hf_data_files"), list):
+                item["hf_data_files"] = [
+                    str(base / Path(f).expanduser()) if isinstance(f, str) else f
+                    for f in item["hf_data_files"]
+                ]
     models = [data.get("target")] + list(data.get("sources") or [])
     for m in models:
         if not isinstance(m, dict):

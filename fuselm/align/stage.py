@@ -149,6 +149,9 @@ def run_align(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict[s
     teachers = cfg.teachers()
     if not teachers:
         raise StageError("align: no teachers configured; set sources (and/or target.as_source)")
+    if cfg.capture.mode == "online":
+        log.info("align: capture.mode is online; alignment happens inside `fuselm train`")
+        return {"stage": "align", "stats": {}, "sources": {}, "skipped": "online"}
     run_dir = Path(run_dir)
     prep = Stage(run_dir, "prepare").manifest()
     if prep is None:
