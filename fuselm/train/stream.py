@@ -19,8 +19,9 @@ Here the trainer gets an *example source* instead of a list:
 Order: each epoch permutes the *shards* (seeded), takes them ``group_shards`` at a time and
 permutes the rows of a group (seeded); the stream of rows is then cut into windows of
 ``BUCKET_STEPS`` steps, sorted by length inside a window and the window's steps shuffled,
-as in the in-memory plan. Memory is bounded by the shards one window touches (at most two
-groups), not by the corpus. The price is a coarser shuffle than a global permutation: rows
+as in the in-memory plan. Memory is bounded by the shards one window touches (the
+groups its rows come from; a shard's decoded rows are cached, ``2 x shuffle_shards``
+shards at most), not by the corpus. The price is a coarser shuffle than a global permutation: rows
 of one step come from the same ``group_shards`` shards (prepare already interleaves
 documents of all inputs into every shard only if the inputs are interleaved; raise
 ``train.shuffle_shards`` for more mixing).
@@ -163,8 +164,9 @@ class AlignedShards:
         out: list[dict[str, AlignedBlock]] = [{} for _ in rows]
         for n in self.teachers:
             table, k = entry[n]
-            for j, r in enumerate(rows):
-                out[j][n] = decode_aligned_row(table.slice(int(r), 1).to_pylist()[0], k)
+            picked = table.take(np.asarray(rows, np.int64)).to_pylist()  # only these rows
+            for j, row in enumerate(picked):
+                out[j][n] = decode_aligned_row(row, k)
         return out
 
 
