@@ -220,12 +220,18 @@ def main() -> None:
         print(
             f"  {label:<36} " + "  ".join(f"{x:8.1f}" for x in peaks) + f"   x{growth[stage]:.3f}"
         )
-    print("\nthroughput per stage, tokens/s (median over sizes; all sizes):")
+    print(
+        "\nthroughput per stage, tokens/s: median over sizes, each size, and marginal "
+        f"({top}x - {base}x: extra tokens / extra seconds, without the fixed start-up cost):"
+    )
     for stage in (*STAGES, BASELINE):
         rates = [rows[s][stage]["tokens"] / rows[s][stage]["seconds"] for s in sizes]
+        a, b = rows[base][stage], rows[top][stage]
+        marginal = (b["tokens"] - a["tokens"]) / max(b["seconds"] - a["seconds"], 1e-9)
         print(
             f"  {stage:<16} median {statistics.median(rates):>9,.0f}   "
             + "  ".join(f"{x:,.0f}" for x in rates)
+            + f"   marginal {marginal:,.0f}"
         )
     print(f"\nbench wall time: {time.perf_counter() - started:.0f} s")
     print(f"baseline_in_memory_train_growth_{top}x={growth[BASELINE]:.3f}")

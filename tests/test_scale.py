@@ -351,3 +351,24 @@ def test_torchrun_streaming_train_resumes_per_rank_and_equals_one_process(aligne
     w1, w2 = weights(one), weights(two)
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=5e-5)
+
+
+def test_torchrun_online_teachers_split_across_ranks(aligned, tmp_path):
+    """Online mode under 2 ranks: each runs the teachers on its own rows; same run as 1."""
+    cfg, _ = aligned
+    one, two = tmp_path / "one", tmp_path / "two"
+    over = ["eval.control=false", "capture.mode=online", "train.max_steps=2"]
+    assert main(["-q", "prepare", "-c", str(cfg), "-o", str(one)]) == 0
+    shutil.copytree(one, two)
+    assert main(["-q", "train", "-c", str(cfg), "-o", str(one), *over]) == 0
+    res = _torchrun(["train", "-c", str(cfg), "-o", str(two), *over, "train.batch_size=1"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    s1, s2 = stats(one), stats(two)
+    assert s2["processes"] == 2 and s2["mode"] == "online"
+    # rank 0 ran the teachers on its half of the rows only
+    assert 0 < s2["teacher_tokens_this_process"] < s1["teacher_tokens_this_process"]
+    l1, l2 = log_lines(one), log_lines(two)
+    assert [x["rows"] for x in l1] == [x["rows"] for x in l2]
+    for a, b in zip(l1, l2, strict=True):
+        assert a["fusion"] == pytest.approx(b["fusion"], rel=1e-4)
+    assert not (two / "capture").exists()
