@@ -317,13 +317,13 @@ def test_online_training_writes_no_teacher_data_and_matches_offline(aligned, tmp
 # --------------------------------------------------------------------------- two processes
 
 
-def _torchrun(args, extra_env=None):
+def _torchrun(args, extra_env=None, quiet=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", STOP_ENV):
         env.pop(var, None)
     env.update(extra_env or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "fuselm", "-q", *args]
+    cmd += ["-m", "fuselm", *(["-q"] if quiet else []), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -372,3 +372,28 @@ def test_torchrun_online_teachers_split_across_ranks(aligned, tmp_path):
     for a, b in zip(l1, l2, strict=True):
         assert a["fusion"] == pytest.approx(b["fusion"], rel=1e-4)
     assert not (two / "capture").exists()
+
+
+def test_torchrun_align_splits_shards_and_equals_one_process(aligned, tmp_path):
+    from fuselm.align.store import aligned_shards, iter_shard
+
+    cfg, one = aligned
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    shutil.rmtree(two / "align")
+    res = _torchrun(["align", "-c", str(cfg), "-o", str(two)], quiet=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[rank 0/2]" in res.stderr and "[rank 1/2]" in res.stderr
+    for name in ("tgt", "spm"):
+        a, b = aligned_shards(one, name), aligned_shards(two, name)
+        assert [p.name for p in a] == [p.name for p in b] and len(a) >= 6
+        for pa, pb in zip(a, b, strict=True):
+            for x, y in zip(iter_shard(pa), iter_shard(pb), strict=True):
+                assert x.hash == y.hash
+                for f in ("input_ids", "ids", "logprobs", "valid", "gold", "next_bytes"):
+                    assert np.array_equal(getattr(x, f), getattr(y, f)), f
+        sa = json.loads((one / "align" / name / "manifest.json").read_text())["stats"]
+        sb = json.loads((two / "align" / name / "manifest.json").read_text())["stats"]
+        for key in ("blocks", "positions", "coverage", "bytes"):
+            if key in sa:
+                assert sa[key] == sb[key], key

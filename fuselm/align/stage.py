@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,15 +136,13 @@ def load_or_build_vocab_map(
 def run_align(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict[str, Any]:
     """Run the align stage for every teacher into ``<run_dir>/align/<name>/``.
 
-    Under torchrun / accelerate only rank 0 works (alignment is cheap CPU work next to
-    capture); other ranks return at once.
+    Under torchrun / accelerate the shards are split across the processes like capture's
+    (rank 0 decides skip/resume and writes the manifest once every shard file exists), so
+    alignment scales with CPU cores and nodes instead of running on one core.
 
     Returns:
         ``{"stage": "align", "stats": {name: stats}, "sources": {name: manifest}}``.
     """
-    if os.environ.get("RANK", "0") != "0":
-        log.info("align: rank %s leaves the alignment to rank 0", os.environ.get("RANK"))
-        return {"stage": "align", "stats": {}, "sources": {}}
     teachers = cfg.teachers()
     if not teachers:
         raise StageError("align: no teachers configured; set sources (and/or target.as_source)")
@@ -158,11 +155,15 @@ def run_align(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict[s
         raise StageError(f"{run_dir}/prepare is not finished; run `fuselm prepare` first")
     target = _TargetSide(cfg, run_dir, prep["fingerprint"])
     prepared = _PrepareBlocks(run_dir)
+    from fuselm.capture.stage import _Ranks
+
     manifests = {}
-    for m in teachers:
-        name = m.resolved_name()
-        manifests[name] = align_source(cfg, m, run_dir, prep, target, prepared, force)
-        print(summary_line(name, target.name, manifests[name].get("stats", {})))
+    with _Ranks() as ranks:
+        for m in teachers:
+            name = m.resolved_name()
+            manifests[name] = align_source(cfg, m, run_dir, prep, target, prepared, force, ranks)
+            if ranks.rank == 0:
+                print(summary_line(name, target.name, manifests[name].get("stats", {})))
     return {
         "stage": "align",
         "stats": {name: man.get("stats", {}) for name, man in manifests.items()},
@@ -230,8 +231,17 @@ def align_source(
     target: _TargetSide,
     prepared: _PrepareBlocks,
     force: bool,
+    ranks: Any = None,
 ) -> dict[str, Any]:
-    """Align one teacher onto the target (skip, resume or run); return its manifest."""
+    """Align one teacher onto the target (skip, resume or run); return its manifest.
+
+    With several processes (``ranks``), rank 0 decides and builds the vocabulary map (the
+    others then read it from the cache), every rank aligns every N-th missing shard, and
+    rank 0 writes the manifest; the output does not depend on N.
+    """
+    from fuselm.capture.stage import _wait_for_manifest, _wait_for_shards
+
+    rank, world = (ranks.rank, ranks.world) if ranks is not None else (0, 1)
     from fuselm.models import ensure_fast_tokenizer, load_tokenizer
 
     name = m.resolved_name()
@@ -255,22 +265,38 @@ def align_source(
     )
     shards = [s["name"] for s in cap_man["shards"]]
     stage = Stage(run_dir, f"align/{name}")
-    man = stage.manifest()
-    if man is not None and man.get("fingerprint") == fingerprint(components) and not force:
-        if stage.reopen():
-            log.warning("align %s: shards are missing; redoing only those", name)
-    state = stage.begin(
-        components,
-        {"source": name, "target": target.name, **to_dict(cfg.align)},
-        shards,
-        force=force,
-    )
-    if state == "skip":
+    decision: dict[str, Any] = {}
+    if rank == 0:
+        try:
+            man = stage.manifest()
+            if man is not None and man.get("fingerprint") == fingerprint(components):
+                if not force and stage.reopen():
+                    log.warning("align %s: shards are missing; redoing only those", name)
+            state = stage.begin(
+                components,
+                {"source": name, "target": target.name, **to_dict(cfg.align)},
+                shards,
+                force=force,
+            )
+            todo = [] if state == "skip" else [s for s in shards if not stage.has_shard(s)]
+            if state != "skip" and not is_target:  # build (and cache) once, before the others
+                load_or_build_vocab_map(
+                    run_dir / "align", src_surface, target.surface, cfg.align.vocab
+                )
+            decision = {"state": state, "todo": todo}
+        except StageError as e:
+            decision = {"state": "error", "message": str(e)}
+    if ranks is not None:
+        decision = ranks.broadcast(decision)
+    if decision["state"] == "error":
+        raise StageError(decision["message"])
+    if decision["state"] == "skip":
         log.info("align %s: up to date in %s (skipped)", name, stage.path)
         return stage.manifest() or {}
-    todo = [s for s in shards if not stage.has_shard(s)]
-    if len(todo) < len(shards):
+    todo = decision["todo"]
+    if len(todo) < len(shards) and rank == 0:
         log.info("align %s: resuming, %d of %d shards to do", name, len(todo), len(shards))
+    mine = todo[rank::world]
 
     if is_target:
         vmap, vmap_s, cached = identity_map(src_surface), 0.0, True
@@ -290,13 +316,12 @@ def align_source(
     from fuselm.progress import progress
 
     cap_stage = Stage(run_dir, f"capture/{name}")
-    total = sum(pq.ParquetFile(cap_stage.shard_path(s)).metadata.num_rows for s in todo)
-    bar = progress(total=total, desc=f"align {name}", unit="block")
+    total = sum(pq.ParquetFile(cap_stage.shard_path(s)).metadata.num_rows for s in mine)
+    who = f" [rank {rank}/{world}]" if world > 1 else ""
+    bar = progress(total=total, desc=f"align {name}{who}", unit="block")
     started = time.perf_counter()
     done_pos = 0
-    for shard in shards:
-        if stage.has_shard(shard):
-            continue
+    for shard in mine:
         rows, totals, k = _align_shard(
             cap_stage.shard_path(shard),
             shard,
@@ -317,8 +342,9 @@ def align_source(
         bar.update(totals.blocks)
         bar.set_postfix_str(f"{done_pos / max(time.perf_counter() - started, 1e-9):,.0f} pos/s")
         log.info(
-            "align %s: shard %s: %d blocks, %d positions, %d with a teacher -> %s",
+            "align %s%s: shard %s: %d blocks, %d positions, %d with a teacher -> %s",
             name,
+            who,
             shard,
             totals.blocks,
             totals.positions,
@@ -327,6 +353,9 @@ def align_source(
         )
     bar.close()
     seconds = time.perf_counter() - started
+    if rank != 0:
+        return _wait_for_manifest(stage, components)
+    _wait_for_shards(stage, shards)
     return _finish(
         stage,
         shards,
