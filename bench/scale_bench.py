@@ -169,6 +169,42 @@ def _tokens(run_dir: Path, stage: str) -> int:
     raise ValueError(stage)
 
 
+# --------------------------------------------------------------------------- data path
+
+
+def data_path_rates(run_dir: Path, reps: int = 3) -> tuple[float, float]:
+    """Positions/s (1 thread) of train's data path on a finished run's alignment.
+
+    Streaming: count the rows, then fetch (decode, join, fuse) and collate every row in
+    micro-batches of 8, as the training loop does. Baseline: the in-memory path
+    (``load_aligned`` + ``join_sources`` + ``build_examples``, collate excluded). Best of
+    ``reps`` (the machine is shared).
+    """
+    import torch
+
+    from fuselm.align.store import load_aligned
+    from fuselm.train.batching import collate
+    from fuselm.train.data import FusionSpec, build_examples, join_sources
+    from fuselm.train.stream import AlignedShards, StreamingExamples
+
+    torch.set_num_threads(1)
+    names = ["tgt", "spm"]
+    best_s = best_m = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        src = StreamingExamples(AlignedShards(run_dir, names, cache=4), names, FusionSpec(), 128, 2)
+        positions = 0
+        for i in range(0, len(src), 8):
+            positions += int(collate(src.fetch(range(i, min(i + 8, len(src)))))["clm_tokens"])
+        best_s = max(best_s, positions / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        joined = join_sources({n: load_aligned(run_dir, n, "train") for n in names})
+        data = build_examples(joined, names, FusionSpec(), 128)
+        pos = sum(len(e) - 1 for e in data.examples)
+        best_m = max(best_m, pos / (time.perf_counter() - t0))
+    return best_s, best_m
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -181,9 +217,17 @@ def main() -> None:
     p.add_argument(
         "--child", nargs=3, metavar=("STAGE", "CONFIG", "RUN_DIR"), help=argparse.SUPPRESS
     )
+    p.add_argument("--data-path", default="", help="only time train's data path on this run dir")
     args = p.parse_args()
     if args.child:
         _child(*args.child)
+        return
+    if args.data_path:
+        s_rate, m_rate = data_path_rates(Path(args.data_path))
+        print(
+            f"train data path, positions/s on 1 thread: streaming fetch+fuse+collate "
+            f"{s_rate:,.0f}; in-memory build {m_rate:,.0f}; ratio {s_rate / m_rate:.2f}"
+        )
         return
     sizes = [int(x) for x in args.sizes.split(",")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fuselm-scale-"))
@@ -233,6 +277,12 @@ def main() -> None:
             + "  ".join(f"{x:,.0f}" for x in rates)
             + f"   marginal {marginal:,.0f}"
         )
+    s_rate, m_rate = data_path_rates(work / f"run-{top}x")
+    print(
+        f"\ntrain data path at {top}x, positions/s on 1 thread (best of 3): streaming "
+        f"fetch+fuse+collate {s_rate:,.0f}; in-memory build (baseline) {m_rate:,.0f}; "
+        f"ratio {s_rate / m_rate:.2f}"
+    )
     print(f"\nbench wall time: {time.perf_counter() - started:.0f} s")
     print(f"baseline_in_memory_train_growth_{top}x={growth[BASELINE]:.3f}")
     worst = max(growth[s] for s in STAGES)
