@@ -15,8 +15,9 @@ Model (per token of the corpus, T tokens, S teachers of P parameters, G GPUs):
   at the measured rate (tokenizer-tokens per second, one core).
 - capture: forward FLOPs ``2·P + 2·L·ctx·d`` per token (weights + causal attention) per
   teacher, at ``peak · mfu_infer`` per GPU; disk ``capture_bpp`` per position per teacher.
-- align: single process, rank 0; the measured positions per second per core; disk
-  ``align_bpp`` per position per teacher.
+- align: CPU, shards split across the launcher's processes (one per GPU rank by default,
+  ``--align-procs``) at the measured positions per second per core; disk ``align_bpp``
+  per position per teacher.
 - train: ``6·P + 6·L·ctx·d`` FLOPs per token at ``peak · mfu_train``; the fusion data path
   (decode, join, fuse, collate) runs in each training process at the measured rate.
 - online: train + every teacher's forward in the same loop; no teacher disk.
@@ -58,11 +59,12 @@ def model(a: argparse.Namespace, scale: int) -> dict[str, object]:
     train_s = tokens * flops_per_token(True) / (gpus * peak * a.mfu_train)
     per_gpu_tok_s = tokens / train_s / gpus  # what the data path must keep up with
     prep_s = a.tokenizers * tokens / a.prepare_rate
-    align_s = teachers * tokens / a.align_rate
+    procs = a.align_procs * scale if a.align_procs else gpus
+    align_s = teachers * tokens / (a.align_rate * procs)
     stages = {
         "prepare (1 process, CPU)": prep_s,
         f"capture ({gpus} GPUs)": cap_s,
-        "align (1 process, CPU)": align_s,
+        f"align ({procs} CPU processes)": align_s,
         f"train ({gpus} GPUs)": train_s,
     }
     offline_total = sum(stages.values())
@@ -90,6 +92,9 @@ def main() -> None:
     p.add_argument("--capture-bpp", type=float, required=True, help="capture bytes/position")
     p.add_argument("--align-bpp", type=float, required=True, help="align bytes/position")
     p.add_argument("--tokenizers", type=int, default=3, help="distinct tokenizers (paper: 3)")
+    p.add_argument(
+        "--align-procs", type=int, default=0, help="align processes at 1x (0 = one per GPU)"
+    )
     p.add_argument("--gpu", choices=sorted(PEAK), default="a100")
     p.add_argument("--mfu-train", type=float, default=0.4)
     p.add_argument("--mfu-infer", type=float, default=0.5)
@@ -107,7 +112,7 @@ def main() -> None:
         name = list(rows[0]["stages"])[stage_idx].split(" (")[0]
         vals = [hours(list(r["stages"].values())[stage_idx]) for r in rows]
         where = list(rows[0]["stages"])[stage_idx].split(" (")[1].rstrip(")")
-        where = "GPUs" if "GPU" in where else where
+        where = "GPUs" if "GPU" in where else ("CPU, 1 per GPU rank" if "CPU p" in where else where)
         print(f"| {name} ({where}) | " + " | ".join(vals) + " |")
     print(
         "| **bottleneck** | " + " | ".join(str(r["bottleneck"]).split(" (")[0] for r in rows) + " |"
@@ -142,6 +147,19 @@ def main() -> None:
         + " | ".join(f"{r['fuse_cores_per_gpu']:.2f}" for r in rows)
         + " |"
     )
+    w = PARAMS * 2 / 1e9  # bf16 weights, GB
+    print(
+        f"\nGPU memory per GPU (GB, estimates; +act = activations): capture holds one "
+        f"teacher in bf16 ({w:.1f}) and one batch (top-k in chunks, never full logits); "
+        f"train with ZeRO-3/FSDP over G GPUs holds 16 B/param (fp32 master, grads, AdamW "
+        f"moments) = {PARAMS * 16 / 1e9:.0f}/G; online adds every teacher's bf16 weights."
+    )
+    for g in (8, 80, 800):
+        train = PARAMS * 16 / 1e9 / g
+        print(
+            f"  G={g}: capture {w:.1f}+act; train {train:.1f}+act; online "
+            f"{train + 3 * w:.1f}+act (3 teachers); {a.gpu} has {MEMORY_GB[a.gpu]} GB"
+        )
 
 
 if __name__ == "__main__":
