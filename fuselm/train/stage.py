@@ -466,7 +466,12 @@ def model_card(
             f"- teacher top-k: {cfg.capture.top_k} per source (fused rows up to "
             f"{fusion.get('max_fused_width', '?')} entries); fusion loss `{t.fusion_loss}`, "
             f"temperature {t.temperature}, tail bucket {t.tail_bucket}",
-            f"- source selection share: {fusion.get('selection_share', {})}",
+            "- source selection share: "
+            + (
+                "counted while training (train/fused/manifest.json)"
+                if data.stats().get("streaming")
+                else str(fusion.get("selection_share", {}))
+            ),
         ]
     inputs = ", ".join(i.path or i.hf_dataset for i in cfg.corpus.inputs) or "?"
     lines += [
