@@ -1,8 +1,8 @@
 """Streaming training data: rows built from a few shards at a time, never the whole corpus.
 
 Why: :func:`fuselm.train.data.build_examples` fuses every block up front, which holds all
-teacher rows of the corpus in memory (≈ 80 B per position per fused entry width). That is
-fine for small runs and tests and impossible for MiniPile-sized corpora (1.8B positions).
+teacher rows of the corpus in memory (8 B per fused entry, ≈ 80 B per position at width
+10). Fine for small runs and tests, impossible for MiniPile-sized corpora (1.8B positions).
 Here the trainer gets an *example source* instead of a list:
 
 - ``len(source)``: how many rows the run has (counted once from the shards' small
@@ -21,10 +21,10 @@ permutes the rows of a group (seeded); the stream of rows is then cut into windo
 ``BUCKET_STEPS`` steps, sorted by length inside a window and the window's steps shuffled,
 as in the in-memory plan. Memory is bounded by the shards one window touches (the
 groups its rows come from; a shard's decoded rows are cached, ``2 x shuffle_shards``
-shards at most), not by the corpus. The price is a coarser shuffle than a global permutation: rows
-of one step come from the same ``group_shards`` shards (prepare already interleaves
-documents of all inputs into every shard only if the inputs are interleaved; raise
-``train.shuffle_shards`` for more mixing).
+shards at most), not by the corpus. The price is a coarser shuffle than a global
+permutation: the rows of one window come from a few shards, i.e. from a few neighbouring
+stretches of the corpus (prepare writes the inputs in their order); raise
+``train.shuffle_shards`` for more mixing.
 
 A :class:`ShardReader` supplies the blocks: :class:`AlignedShards` reads the align stage's
 output; ``fuselm.train.online`` runs the teachers on the prepared text instead.
@@ -433,8 +433,9 @@ class _LazyPlan:
         w = step // BUCKET_STEPS
         if w != self._w:
             start = w * BUCKET_STEPS * self.per_step
-            chunk = self.src.stream(start, min(start + BUCKET_STEPS * self.per_step, self.need),
-                                    self.seed)
+            chunk = self.src.stream(
+                start, min(start + BUCKET_STEPS * self.per_step, self.need), self.seed
+            )
             chunk = chunk[np.argsort(-self.src.lengths(chunk), kind="stable")]
             window = [
                 [
