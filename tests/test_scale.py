@@ -353,6 +353,7 @@ def test_torchrun_streaming_train_resumes_per_rank_and_equals_one_process(aligne
         torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=5e-5)
 
 
+@pytest.mark.slow  # one more torchrun (~1 min on the shared 2 cores)
 def test_torchrun_online_teachers_split_across_ranks(aligned, tmp_path):
     """Online mode under 2 ranks: each runs the teachers on its own rows; same run as 1."""
     cfg, _ = aligned
@@ -374,6 +375,7 @@ def test_torchrun_online_teachers_split_across_ranks(aligned, tmp_path):
     assert not (two / "capture").exists()
 
 
+@pytest.mark.slow  # one more torchrun (~1 min on the shared 2 cores)
 def test_torchrun_align_splits_shards_and_equals_one_process(aligned, tmp_path):
     from fuselm.align.store import aligned_shards, iter_shard
 
