@@ -36,7 +36,8 @@ STAGES: dict[str, tuple[str | None, str, str]] = {
     ),
     "capture": (
         "fuselm.capture.stage:run_capture",
-        "run each source once, store its top-k next-token log-probs",
+        "run each source once, store its top-k next-token log-probs (capture.mode: online "
+        "skips it: train runs the sources)",
         "",
     ),
     "align": (
@@ -46,7 +47,8 @@ STAGES: dict[str, tuple[str | None, str, str]] = {
     ),
     "train": (
         "fuselm.train.stage:run_train",
-        "continually train the target on λ·CLM + (1−λ)·fusion (and the λ = 1 control)",
+        "continually train the target on λ·CLM + (1−λ)·fusion (and the λ = 1 control); "
+        "train.streaming reads shards as it goes",
         "",
     ),
     "eval": (

@@ -46,6 +46,11 @@ class CorpusInput:
     hf_dataset: str = _f("", "Hugging Face dataset name (instead of path); needs the hub.")
     hf_config: str = _f("", "Dataset configuration name for hf_dataset (optional).")
     hf_split: str = _f("train", "Split of hf_dataset to read.")
+    hf_data_files: list[str] = _f(
+        [],
+        "Local files (globs allowed) for a builder hf_dataset (parquet, json, text), e.g. "
+        "hf_dataset: parquet, hf_data_files: [shards/*.parquet]; read streaming, offline.",
+    )
     format: Literal["auto", "text", "jsonl", "parquet"] = _f(
         "auto", "File format; auto = by extension (.jsonl/.json, .parquet, anything else text)."
     )
@@ -157,6 +162,12 @@ class CaptureConfig:
     top_k: int = _f(10, "Teacher entries kept per position. Paper: 10.")
     batch_tokens: int = _f(8192, "Tokens per forward batch (blocks bucketed by length).")
     blocks_per_shard: int = _f(1000, "Blocks per capture shard.")
+    mode: Literal["offline", "online"] = _f(
+        "offline",
+        "offline = capture and align write teacher data to disk once, train reads it; "
+        "online = teachers run inside the training loop on each batch (no teacher data on "
+        "disk; teacher compute paid again by every training run).",
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= 1024:
@@ -244,6 +255,14 @@ class TrainConfig:
     )
     seed: int = _f(42, "Training seed.")
     save_steps: int = _f(0, "Checkpoint every N steps for resume (0 = at the end only).")
+    streaming: bool = _f(
+        False,
+        "Read the aligned shards a few at a time while training instead of fusing the whole "
+        "corpus in memory first (for corpora larger than memory; online mode always streams).",
+    )
+    shuffle_shards: int = _f(
+        4, "Streaming: shards whose rows are shuffled together (memory ~ 2x this many shards)."
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.clm_weight <= 1.0:
@@ -263,6 +282,8 @@ class TrainConfig:
             )
         if self.max_steps < 0 or self.save_steps < 0:
             raise ConfigError("max_steps and save_steps must be >= 0")
+        if self.shuffle_shards < 1:
+            raise _invalid("shuffle_shards", self.shuffle_shards, "use a positive count")
 
 
 @dataclass
@@ -531,6 +552,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         for item in corpus["inputs"]:
             if isinstance(item, dict) and isinstance(item.get("path"), str) and item["path"]:
                 item["path"] = str((base / Path(item["path"]).expanduser()).resolve())
+            if isinstance(item, dict) and isinstance(item.get("hf_data_files"), list):
+                item["hf_data_files"] = [
+                    str(base / Path(f).expanduser()) if isinstance(f, str) else f
+                    for f in item["hf_data_files"]
+                ]
     models = [data.get("target")] + list(data.get("sources") or [])
     for m in models:
         if not isinstance(m, dict):

@@ -259,16 +259,13 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
         shard_no[split] += 1
         rows.clear()
 
-    seen_ids: set[str] = set()
+    _check_no_overlap(c.inputs)
+    # Streaming: one document at a time from each input, blocks flushed every
+    # blocks_per_shard; what stays in memory grows with the number of *files*, not rows.
     bar = progress(desc="prepare", unit="doc")
     for i, inp in enumerate(c.inputs):
         for doc in iter_documents(inp, i, c.errors, counters):
             bar.update(1)
-            if doc.doc_id in seen_ids:  # the same file reached twice (overlapping inputs)
-                raise CorpusError(
-                    f"{doc.origin}: document id {doc.doc_id} appears twice; inputs overlap"
-                )
-            seen_ids.add(doc.doc_id)
             if not doc.text.strip():
                 counters["skipped_empty"] += 1
                 continue
@@ -353,6 +350,28 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
     manifest = stage.finish(stats, shards=shards)
     (stage.path / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def _check_no_overlap(inputs: Sequence[Any]) -> None:
+    """Refuse inputs that reach the same file twice (its documents would be duplicated).
+
+    Checked on file paths (one entry per file), not on document ids, so memory does not
+    grow with the number of documents.
+    """
+    from fuselm.documents import input_files
+
+    owner: dict[Path, int] = {}
+    for i, inp in enumerate(inputs):
+        if not inp.path:
+            continue
+        for f in input_files(inp, f"corpus.inputs[{i}]"):
+            key = f.resolve()
+            if key in owner and owner[key] != i:
+                raise CorpusError(
+                    f"{f}: read by corpus.inputs[{owner[key]}] and corpus.inputs[{i}]; the "
+                    "inputs overlap (narrow one input's path or glob)"
+                )
+            owner[key] = i
 
 
 # --------------------------------------------------------------------------- reading back

@@ -129,25 +129,48 @@ def iter_documents(
                 return
 
 
+def _jsonl_lines(path: Path, errors: str) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a jsonl file, read line by line (never the whole file)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8", errors="strict" if errors == "strict" else "replace")
+            except UnicodeDecodeError as e:
+                raise CorpusError(
+                    f"{path}: not valid UTF-8 at byte offset {offset + e.start} ({e.reason}); "
+                    "convert the file to UTF-8, or set corpus.errors=replace to substitute "
+                    "U+FFFD"
+                ) from None
+            offset += len(raw)
+            if line.strip():
+                yield lineno, line
+
+
+def _json_array(path: Path) -> bool:
+    """Whether a .json file holds one JSON array (read whole) rather than JSON lines."""
+    if path.suffix.lower() != ".json":
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
 def _iter_jsonl(
     inp: CorpusInput, index: int, path: Path, rel: str, errors: str, default_domain: str
 ) -> Iterator[Document]:
-    raw = _decode(path.read_bytes(), str(path), errors)
-    if path.suffix.lower() == ".json" and raw.lstrip().startswith("["):
+    # jsonl is streamed line by line, so a file larger than memory is fine; a .json file
+    # holding one array has to be parsed whole (use jsonl or parquet for large corpora).
+    lines: Iterator[tuple[int, Any]]
+    if _json_array(path):
+        raw = _decode(path.read_bytes(), str(path), errors)
         try:
             rows = json.loads(raw)
         except ValueError as e:
             raise CorpusError(f"{path}: not valid JSON ({e})") from None
-        lines = [(i + 1, row) for i, row in enumerate(rows)]
+        lines = iter([(i + 1, row) for i, row in enumerate(rows)])
     else:
-        lines = []
-        for lineno, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                lines.append((lineno, json.loads(line)))
-            except ValueError as e:
-                raise CorpusError(f"{path}:{lineno}: not valid JSON ({e})") from None
+        lines = _parsed_lines(path, errors)
     for lineno, row in lines:
         origin = f"{path}:{lineno}"
         if not isinstance(row, dict):
@@ -165,6 +188,14 @@ def _iter_jsonl(
             )
         domain = row.get(inp.domain_field) or default_domain
         yield Document(f"{index}:{rel}:{lineno}", text, str(domain), origin)
+
+
+def _parsed_lines(path: Path, errors: str) -> Iterator[tuple[int, Any]]:
+    for lineno, line in _jsonl_lines(path, errors):
+        try:
+            yield lineno, json.loads(line)
+        except ValueError as e:
+            raise CorpusError(f"{path}:{lineno}: not valid JSON ({e})") from None
 
 
 def _iter_parquet(
@@ -197,8 +228,13 @@ def _iter_hf(inp: CorpusInput, index: int, key: str, default_domain: str) -> Ite
     try:
         import datasets
 
+        # streaming=True: an IterableDataset that reads shard by shard (Parquet row groups,
+        # json/text lines); nothing is downloaded or converted to Arrow first.
+        extra: dict[str, Any] = {}
+        if inp.hf_data_files:
+            extra["data_files"] = {inp.hf_split: list(inp.hf_data_files)}
         ds = datasets.load_dataset(
-            inp.hf_dataset, inp.hf_config or None, split=inp.hf_split, streaming=True
+            inp.hf_dataset, inp.hf_config or None, split=inp.hf_split, streaming=True, **extra
         )
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -224,10 +260,24 @@ def _iter_hf(inp: CorpusInput, index: int, key: str, default_domain: str) -> Ite
         )
 
 
+def _glob_files(pattern: str) -> list[Path]:
+    import glob
+
+    return [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
+
+
 def input_identity(inp: CorpusInput) -> dict[str, Any]:
     """Content identity of one input, for the stage fingerprint (edits make prepare stale)."""
     if inp.hf_dataset:
-        return {"hf_dataset": inp.hf_dataset, "config": inp.hf_config, "split": inp.hf_split}
+        ident: dict[str, Any] = {
+            "hf_dataset": inp.hf_dataset,
+            "config": inp.hf_config,
+            "split": inp.hf_split,
+        }
+        if inp.hf_data_files:  # local files: their contents are the identity
+            files = sorted({p for pat in inp.hf_data_files for p in _glob_files(pat)})
+            ident["data_files"] = fingerprint([(str(p), file_digest(p)) for p in files])
+        return ident
     root = Path(inp.path)
     if not root.exists():
         return {"path": inp.path, "missing": True}

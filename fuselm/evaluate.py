@@ -75,6 +75,9 @@ def predicted_bytes(text: str, token_ids: np.ndarray, offsets: np.ndarray) -> in
     return len(text[first_end:].encode("utf-8"))
 
 
+SCORE_CHUNK = 512  # blocks per runner call in score_blocks
+
+
 def bits_per_byte(nll: float, n_bytes: int) -> float:
     """Convert a NLL in nats over ``n_bytes`` into bits per byte (nan if no bytes)."""
     return nll / n_bytes / LN2 if n_bytes > 0 else float("nan")
@@ -113,11 +116,14 @@ def score_blocks(
         bos=bos,
         max_context=max_context,
     )
-    rows = runner.capture([Block(b["block_id"], b["hash"], b["text"]) for b in blocks])
     out = []
-    for b, row in zip(blocks, rows, strict=True):
-        dec = storage.decode_row(row, 1)
-        out.append(_score(b, dec.token_ids, dec.offsets, dec.gold))
+    # In chunks: the runner's per-block arrays of one chunk at a time, never the whole split.
+    for start in range(0, len(blocks), SCORE_CHUNK):
+        chunk = blocks[start : start + SCORE_CHUNK]
+        rows = runner.capture([Block(b["block_id"], b["hash"], b["text"]) for b in chunk])
+        for b, row in zip(chunk, rows, strict=True):
+            dec = storage.decode_row(row, 1)
+            out.append(_score(b, dec.token_ids, dec.offsets, dec.gold))
     return out
 
 
@@ -302,8 +308,14 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
     blocks = _validation_blocks(run_dir, cfg.eval.max_blocks)
     prep = Stage(run_dir, "prepare").manifest()
     teachers = cfg.teachers()
-    captured = {}
+    captured: dict[str, Any] = {}
+    online = getattr(cfg.capture, "mode", "offline") == "online"
     for m in teachers:
+        if online:  # no captures: the teachers are scored by running them here
+            from fuselm.models import model_identity
+
+            captured[m.resolved_name()] = {"online": model_identity(m)}
+            continue
         man = Stage(run_dir, f"capture/{m.resolved_name()}").manifest()
         if man is None:
             raise StageError(
@@ -344,6 +356,19 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
     for m in teachers:
         kind = "target" if m is cfg.target else "source"
         digest = tokenizer_digest(load_tokenizer(m))
+        if online:
+            model = load_causal_lm(m)
+            scores = score_blocks(
+                model,
+                load_tokenizer(m),
+                blocks,
+                name=m.resolved_name(),
+                bos=m.bos,
+                max_context=model_context(m),
+            )
+            del model
+            add(m.resolved_name(), kind, scores, digest)
+            continue
         scores, lossless = _read_capture(run_dir, m.resolved_name(), blocks)
         add(m.resolved_name(), kind, scores, digest)
         results["models"][m.resolved_name()]["lossless_share"] = lossless

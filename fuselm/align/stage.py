@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,29 +136,34 @@ def load_or_build_vocab_map(
 def run_align(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict[str, Any]:
     """Run the align stage for every teacher into ``<run_dir>/align/<name>/``.
 
-    Under torchrun / accelerate only rank 0 works (alignment is cheap CPU work next to
-    capture); other ranks return at once.
+    Under torchrun / accelerate the shards are split across the processes like capture's
+    (rank 0 decides skip/resume and writes the manifest once every shard file exists), so
+    alignment scales with CPU cores and nodes instead of running on one core.
 
     Returns:
         ``{"stage": "align", "stats": {name: stats}, "sources": {name: manifest}}``.
     """
-    if os.environ.get("RANK", "0") != "0":
-        log.info("align: rank %s leaves the alignment to rank 0", os.environ.get("RANK"))
-        return {"stage": "align", "stats": {}, "sources": {}}
     teachers = cfg.teachers()
     if not teachers:
         raise StageError("align: no teachers configured; set sources (and/or target.as_source)")
+    if cfg.capture.mode == "online":
+        log.info("align: capture.mode is online; alignment happens inside `fuselm train`")
+        return {"stage": "align", "stats": {}, "sources": {}, "skipped": "online"}
     run_dir = Path(run_dir)
     prep = Stage(run_dir, "prepare").manifest()
     if prep is None:
         raise StageError(f"{run_dir}/prepare is not finished; run `fuselm prepare` first")
     target = _TargetSide(cfg, run_dir, prep["fingerprint"])
     prepared = _PrepareBlocks(run_dir)
+    from fuselm.capture.stage import _Ranks
+
     manifests = {}
-    for m in teachers:
-        name = m.resolved_name()
-        manifests[name] = align_source(cfg, m, run_dir, prep, target, prepared, force)
-        print(summary_line(name, target.name, manifests[name].get("stats", {})))
+    with _Ranks() as ranks:
+        for m in teachers:
+            name = m.resolved_name()
+            manifests[name] = align_source(cfg, m, run_dir, prep, target, prepared, force, ranks)
+            if ranks.rank == 0:
+                print(summary_line(name, target.name, manifests[name].get("stats", {})))
     return {
         "stage": "align",
         "stats": {name: man.get("stats", {}) for name, man in manifests.items()},
@@ -227,8 +231,17 @@ def align_source(
     target: _TargetSide,
     prepared: _PrepareBlocks,
     force: bool,
+    ranks: Any = None,
 ) -> dict[str, Any]:
-    """Align one teacher onto the target (skip, resume or run); return its manifest."""
+    """Align one teacher onto the target (skip, resume or run); return its manifest.
+
+    With several processes (``ranks``), rank 0 decides and builds the vocabulary map (the
+    others then read it from the cache), every rank aligns every N-th missing shard, and
+    rank 0 writes the manifest; the output does not depend on N.
+    """
+    from fuselm.capture.stage import _wait_for_manifest, _wait_for_shards
+
+    rank, world = (ranks.rank, ranks.world) if ranks is not None else (0, 1)
     from fuselm.models import ensure_fast_tokenizer, load_tokenizer
 
     name = m.resolved_name()
@@ -241,25 +254,7 @@ def align_source(
         src_surface = vocab_surface(tokenizer)
         cap_man = _checked_capture(run_dir, m, tokenizer_digest(tokenizer), prep["fingerprint"])
 
-    # Method actually used (see the module docstring for the normalising policy).
-    declared = {
-        "source": list(src_surface.info.normalizers),
-        "target": list(target.surface.info.normalizers),
-    }
-    if is_target:
-        method_used = IDENTITY
-    elif cfg.align.method == "offsets" and (declared["source"] or declared["target"]):
-        method_used = "mined_dp"
-        who = f"'{name}'" if declared["source"] else f"the target '{target.name}'"
-        log.warning(
-            "align %s: tokenizer of %s normalises text (%s), so its offsets do not index "
-            "text that reads like its tokens; using mined_dp for this source",
-            name,
-            who,
-            ", ".join(declared["source"] or declared["target"]),
-        )
-    else:
-        method_used = cfg.align.method
+    declared, method_used = choose_method(cfg, name, is_target, src_surface, target)
     vmap_fp = (
         f"{IDENTITY}:{src_surface.fingerprint}"
         if is_target
@@ -270,22 +265,38 @@ def align_source(
     )
     shards = [s["name"] for s in cap_man["shards"]]
     stage = Stage(run_dir, f"align/{name}")
-    man = stage.manifest()
-    if man is not None and man.get("fingerprint") == fingerprint(components) and not force:
-        if stage.reopen():
-            log.warning("align %s: shards are missing; redoing only those", name)
-    state = stage.begin(
-        components,
-        {"source": name, "target": target.name, **to_dict(cfg.align)},
-        shards,
-        force=force,
-    )
-    if state == "skip":
+    decision: dict[str, Any] = {}
+    if rank == 0:
+        try:
+            man = stage.manifest()
+            if man is not None and man.get("fingerprint") == fingerprint(components):
+                if not force and stage.reopen():
+                    log.warning("align %s: shards are missing; redoing only those", name)
+            state = stage.begin(
+                components,
+                {"source": name, "target": target.name, **to_dict(cfg.align)},
+                shards,
+                force=force,
+            )
+            todo = [] if state == "skip" else [s for s in shards if not stage.has_shard(s)]
+            if state != "skip" and not is_target:  # build (and cache) once, before the others
+                load_or_build_vocab_map(
+                    run_dir / "align", src_surface, target.surface, cfg.align.vocab
+                )
+            decision = {"state": state, "todo": todo}
+        except StageError as e:
+            decision = {"state": "error", "message": str(e)}
+    if ranks is not None:
+        decision = ranks.broadcast(decision)
+    if decision["state"] == "error":
+        raise StageError(decision["message"])
+    if decision["state"] == "skip":
         log.info("align %s: up to date in %s (skipped)", name, stage.path)
         return stage.manifest() or {}
-    todo = [s for s in shards if not stage.has_shard(s)]
-    if len(todo) < len(shards):
+    todo = decision["todo"]
+    if len(todo) < len(shards) and rank == 0:
         log.info("align %s: resuming, %d of %d shards to do", name, len(todo), len(shards))
+    mine = todo[rank::world]
 
     if is_target:
         vmap, vmap_s, cached = identity_map(src_surface), 0.0, True
@@ -305,13 +316,12 @@ def align_source(
     from fuselm.progress import progress
 
     cap_stage = Stage(run_dir, f"capture/{name}")
-    total = sum(pq.ParquetFile(cap_stage.shard_path(s)).metadata.num_rows for s in todo)
-    bar = progress(total=total, desc=f"align {name}", unit="block")
+    total = sum(pq.ParquetFile(cap_stage.shard_path(s)).metadata.num_rows for s in mine)
+    who = f" [rank {rank}/{world}]" if world > 1 else ""
+    bar = progress(total=total, desc=f"align {name}{who}", unit="block")
     started = time.perf_counter()
     done_pos = 0
-    for shard in shards:
-        if stage.has_shard(shard):
-            continue
+    for shard in mine:
         rows, totals, k = _align_shard(
             cap_stage.shard_path(shard),
             shard,
@@ -332,8 +342,9 @@ def align_source(
         bar.update(totals.blocks)
         bar.set_postfix_str(f"{done_pos / max(time.perf_counter() - started, 1e-9):,.0f} pos/s")
         log.info(
-            "align %s: shard %s: %d blocks, %d positions, %d with a teacher -> %s",
+            "align %s%s: shard %s: %d blocks, %d positions, %d with a teacher -> %s",
             name,
+            who,
             shard,
             totals.blocks,
             totals.positions,
@@ -342,6 +353,9 @@ def align_source(
         )
     bar.close()
     seconds = time.perf_counter() - started
+    if rank != 0:
+        return _wait_for_manifest(stage, components)
+    _wait_for_shards(stage, shards)
     return _finish(
         stage,
         shards,
@@ -361,6 +375,80 @@ def align_source(
     )
 
 
+def choose_method(
+    cfg: PipelineConfig, name: str, is_target: bool, src_surface: VocabSurface, target: Any
+) -> tuple[dict[str, list[str]], str]:
+    """The alignment method used for one source, and the normalizers each side declares.
+
+    See the module docstring for the policy on normalising tokenizers. Shared with online
+    training (``fuselm.train.online``), so that both modes align alike.
+    """
+    declared = {
+        "source": list(src_surface.info.normalizers),
+        "target": list(target.surface.info.normalizers),
+    }
+    if is_target:
+        return declared, IDENTITY
+    if cfg.align.method == "offsets" and (declared["source"] or declared["target"]):
+        who = f"'{name}'" if declared["source"] else f"the target '{target.name}'"
+        log.warning(
+            "align %s: tokenizer of %s normalises text (%s), so its offsets do not index "
+            "text that reads like its tokens; using mined_dp for this source",
+            name,
+            who,
+            ", ".join(declared["source"] or declared["target"]),
+        )
+        return declared, "mined_dp"
+    return declared, cfg.align.method
+
+
+def align_one(
+    text: str,
+    b: Any,
+    tgt: Tokens,
+    meta: dict[str, Any],
+    *,
+    name: str,
+    src_surface: VocabSurface,
+    tgt_surface: VocabSurface,
+    vmap: VocabMap,
+    method_used: str,
+) -> tuple[Any, Any, list[Any] | None]:
+    """Align one captured block onto the target's tokens (the whole per-block step).
+
+    Used by the align stage and by online training, so both give the same records.
+
+    Returns:
+        ``(AlignedBlock, BlockDiag, mismatch example)``; the example is not None when the
+        block's offsets did not cover its text and ``mined_dp`` was used for it.
+    """
+    from fuselm.align import get_align_method
+
+    fn = None if method_used == IDENTITY else get_align_method(method_used)
+    bad = None
+    if method_used == "offsets":  # undeclared normalisation: this block only
+        bad = _uncovered(text, b, src_surface) or _uncovered(text, tgt, tgt_surface)
+        if bad is not None:
+            fn = get_align_method("mined_dp")
+    try:
+        rec, diag = align_block(
+            text,
+            b,
+            tgt,
+            src_surface=src_surface,
+            tgt_surface=tgt_surface,
+            vmap=vmap,
+            method=fn,
+            hash=b.hash,
+            block_id=meta["block_id"],
+            domain=meta["domain"],
+            split=meta["split"],
+        )
+    except ValueError as e:
+        raise StageError(f"align: source '{name}': block {b.block_id} (hash {b.hash}): {e}") from e
+    return rec, diag, bad
+
+
 def _align_shard(
     path: Path,
     shard: str,
@@ -373,9 +461,6 @@ def _align_shard(
     method_used: str,
 ) -> tuple[list[dict[str, Any]], _Totals, int]:
     """Align the blocks of one capture shard; return the encoded rows, totals and k."""
-    from fuselm.align import get_align_method
-
-    method = None if method_used == IDENTITY else get_align_method(method_used)
     k = int(cap_storage.shard_metadata(path)["k"])
     src_blocks = list(cap_storage.iter_shard(path))
     metas = []
@@ -396,31 +481,20 @@ def _align_shard(
     for b, meta in zip(src_blocks, metas, strict=True):
         text, tb = meta["text"], tgt_blocks[b.hash]
         tgt = Tokens(tb.token_ids, tb.offsets, tb.text_roundtrip)
-        fn = method
-        if method_used == "offsets":  # undeclared normalisation: this block only
-            bad = _uncovered(text, b, src_surface) or _uncovered(text, tgt, target.surface)
-            if bad is not None:
-                fn = get_align_method("mined_dp")
-                totals.blocks_mined_dp += 1
-                totals.examples.append([b.block_id, *bad])
-        try:
-            rec, diag = align_block(
-                text,
-                b,
-                tgt,
-                src_surface=src_surface,
-                tgt_surface=target.surface,
-                vmap=vmap,
-                method=fn,
-                hash=b.hash,
-                block_id=meta["block_id"],
-                domain=meta["domain"],
-                split=meta["split"],
-            )
-        except ValueError as e:
-            raise StageError(
-                f"align: source '{name}': block {b.block_id} (hash {b.hash}): {e}"
-            ) from e
+        rec, diag, bad = align_one(
+            text,
+            b,
+            tgt,
+            meta,
+            name=name,
+            src_surface=src_surface,
+            tgt_surface=target.surface,
+            vmap=vmap,
+            method_used=method_used,
+        )
+        if bad is not None:
+            totals.blocks_mined_dp += 1
+            totals.examples.append([b.block_id, *bad])
         totals.add(rec, diag)
         rows.append(store.encode_aligned(rec))
     if totals.blocks_mined_dp:

@@ -171,6 +171,9 @@ def run_capture(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
         raise StageError(
             "capture: no models configured; set target.model (with as_source) and/or sources"
         )
+    if cfg.capture.mode == "online":
+        log.info("capture: capture.mode is online; the teachers run inside `fuselm train`")
+        return {"stage": "capture", "stats": {}, "sources": {}, "skipped": "online"}
     prep = Stage(run_dir, "prepare").manifest()
     if prep is None:
         raise StageError(f"{run_dir}/prepare is not finished; run `fuselm prepare` first")

@@ -25,12 +25,13 @@ from fuselm.artifacts import Stage, StageError, fingerprint
 from fuselm.config import PipelineConfig, to_dict
 from fuselm.train.data import (
     FusionSpec,
-    TrainData,
     TrainDataError,
     build_examples,
     join_sources,
 )
+from fuselm.train.online import OnlineTeachers
 from fuselm.train.step import TrainSettings, cpu_only
+from fuselm.train.stream import AlignedShards, StreamingExamples, merge_fusion_stats
 from fuselm.train.trainer import CHECKPOINTS, LOG_FILE, MODEL_DIR, Trainer
 
 log = logging.getLogger("fuselm.train")
@@ -55,7 +56,7 @@ def run_train(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict[s
     base = base_components(cfg, run_dir)
     variants = ["fused"] + (["control"] if cfg.eval.control else [])
     state = PartialState(cpu=cpu_only())  # joins the process group of torchrun / accelerate
-    data: dict[str, TrainData] = {}
+    data: dict[str, Any] = {}
     manifests: dict[str, dict[str, Any]] = {}
     for variant in variants:
         components = variant_components(cfg, variant, base)
@@ -107,8 +108,20 @@ def base_components(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
             "fuse.ce_unit: the align records count the text each prediction covers in bytes "
             "only; use fuse.ce_unit: byte"
         )
-    align_mans = {name: _align_manifest(run_dir, name) for name in teachers}
     tok_digest = tokenizer_identity(cfg.target)
+    if cfg.capture.mode == "online":  # no capture/align artifacts: the teachers themselves
+        from fuselm.train.online import online_components
+
+        prep = Stage(run_dir, "prepare").manifest()
+        if prep is None:
+            raise StageError(f"train: {run_dir}/prepare is not finished; run `fuselm prepare`")
+        return {
+            "format": FORMAT_VERSION,
+            **online_components(cfg, prep["fingerprint"]),
+            "target": model_identity(cfg.target),
+            "target_tokenizer": tok_digest,
+        }
+    align_mans = {name: _align_manifest(run_dir, name) for name in teachers}
     _check_target_vocab(cfg, run_dir, align_mans, tok_digest)
     return {
         "format": FORMAT_VERSION,
@@ -157,7 +170,7 @@ def train_variant(
     variant: str,
     stage: Stage,
     components: dict[str, Any],
-    data: TrainData,
+    data: Any,
     teachers: list[str],
     state: Any,
 ) -> dict[str, Any]:
@@ -176,7 +189,9 @@ def train_variant(
     settings = TrainSettings.from_config(cfg.train, lam=lam)
     tokenizer, _ = ensure_fast_tokenizer(cfg.target, load_tokenizer(cfg.target))
     context = model_context(cfg.target)
-    longest = max((len(e) for e in data.examples), default=0)
+    streaming = isinstance(data, StreamingExamples)
+    rows: Any = data if streaming else data.examples
+    longest = data.longest if streaming else max((len(e) for e in data.examples), default=0)
     if context and longest > context:
         raise StageError(
             f"train: rows of {longest} tokens exceed the target's context of {context}; "
@@ -189,18 +204,19 @@ def train_variant(
         # float32 master weights whatever the checkpoint's dtype; train.precision picks
         # the compute precision (autocast).
         model = load_causal_lm(cfg.target, device=device, dtype=torch.float32)
-        rows = model.get_input_embeddings().weight.shape[0]
-        top = max(int(e.input_ids.max()) for e in data.examples)
-        if top >= rows:
+        n_emb = model.get_input_embeddings().weight.shape[0]
+        # Streaming: ids come from the target's own tokenizer (digest checked above).
+        top = -1 if streaming else max(int(e.input_ids.max()) for e in data.examples)
+        if top >= n_emb:
             raise StageError(
                 f"train: token id {top} of the aligned data is outside the target's "
-                f"{rows} embedding rows; the alignment was made for another target"
+                f"{n_emb} embedding rows; the alignment was made for another target"
             )
         return model
 
     trainer = Trainer(
         load,
-        data.examples,
+        rows,
         settings,
         stage.path,
         fingerprint=fingerprint(components),
@@ -214,12 +230,19 @@ def train_variant(
         result = trainer.train()
     except TrainDataError as e:
         raise StageError(f"train {variant}: {e}") from None
+    if streaming and data.fusion is not None:  # each process counted the blocks it fused
+        data.fusion = _gathered_fusion(state, data, teachers)
     stats = {
         **result.as_dict(),
         **data.stats(),
         "lambda": lam,
-        "epochs": round(result.steps * result.global_batch / len(data.examples), 4),
+        "epochs": round(result.steps * result.global_batch / len(rows), 4),
     }
+    if streaming:
+        stats["mode"] = cfg.capture.mode
+        reader = data.reader
+        if isinstance(reader, OnlineTeachers):
+            stats["teacher_tokens_this_process"] = reader.forward_tokens
     if variant == "control":
         stats.pop("fusion", None)
     man: dict[str, Any] = {}
@@ -333,22 +356,65 @@ def _broadcast(state: Any, obj: dict[str, Any]) -> dict[str, Any]:
     return box[0]
 
 
-def _load_data(cfg: PipelineConfig, run_dir: Path, teachers: list[str]) -> dict[str, TrainData]:
+def _fusion_spec(cfg: PipelineConfig) -> FusionSpec:
+    return FusionSpec(
+        function=cfg.fuse.function,
+        level=cfg.fuse.level,
+        fallback=cfg.align.fallback,
+        # Not a FuseConfig field yet; picked up as soon as it is added.
+        max_k=int(getattr(cfg.fuse, "max_k", 0) or 0),
+        avg_weighting=cfg.fuse.avg_weighting,
+        avg_temperature=cfg.fuse.avg_temperature,
+    )
+
+
+def _stream_data(
+    cfg: PipelineConfig, run_dir: Path, teachers: list[str]
+) -> dict[str, StreamingExamples]:
+    """Streaming sources of rows for both variants (offline shards or online teachers)."""
+    try:
+        if cfg.capture.mode == "online":
+            reader: Any = OnlineTeachers(cfg, run_dir, "train")
+        else:
+            reader = AlignedShards(run_dir, teachers, "train", cache=2 * cfg.train.shuffle_shards)
+        out = {
+            "fused": StreamingExamples(
+                reader, teachers, _fusion_spec(cfg), cfg.train.seq_len, cfg.train.shuffle_shards
+            ),
+            "control": StreamingExamples(
+                reader, teachers, None, cfg.train.seq_len, cfg.train.shuffle_shards
+            ),
+        }
+    except TrainDataError as e:
+        raise StageError(f"train: {e}") from None
+    if not len(out["fused"]):
+        raise StageError("train: the training split has no block with two or more tokens")
+    return out
+
+
+def _gathered_fusion(state: Any, data: StreamingExamples, teachers: list[str]) -> Any:
+    """The fusion counts of all processes, summed (each fused its own rows' blocks)."""
+    from dataclasses import asdict
+
+    mine = asdict(data.fusion)
+    parts = [mine]
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([mine])
+    return merge_fusion_stats(parts, teachers)
+
+
+def _load_data(cfg: PipelineConfig, run_dir: Path, teachers: list[str]) -> dict[str, Any]:
     """Join, fuse and cut the training split (fused rows, and the control's bare rows)."""
     from fuselm.align.store import load_aligned
 
+    if cfg.train.streaming or cfg.capture.mode == "online":
+        return _stream_data(cfg, run_dir, teachers)
     sources = {n: load_aligned(run_dir, n, "train") for n in teachers}
     try:
         joined = join_sources(sources, split="train")
-        spec = FusionSpec(
-            function=cfg.fuse.function,
-            level=cfg.fuse.level,
-            fallback=cfg.align.fallback,
-            # Not a FuseConfig field yet; picked up as soon as it is added.
-            max_k=int(getattr(cfg.fuse, "max_k", 0) or 0),
-            avg_weighting=cfg.fuse.avg_weighting,
-            avg_temperature=cfg.fuse.avg_temperature,
-        )
+        spec = _fusion_spec(cfg)
         fused = build_examples(joined, teachers, spec, cfg.train.seq_len)
         control = build_examples(joined, teachers, None, cfg.train.seq_len)
     except TrainDataError as e:
@@ -375,7 +441,7 @@ def _checkpoint_dtype(config: Any) -> Any:
 
 
 def model_card(
-    cfg: PipelineConfig, variant: str, lam: float, teachers: list[str], data: TrainData
+    cfg: PipelineConfig, variant: str, lam: float, teachers: list[str], data: Any
 ) -> str:
     """The ``README.md`` saved with the trained model: what it was trained from and how."""
     t = cfg.train
@@ -400,7 +466,12 @@ def model_card(
             f"- teacher top-k: {cfg.capture.top_k} per source (fused rows up to "
             f"{fusion.get('max_fused_width', '?')} entries); fusion loss `{t.fusion_loss}`, "
             f"temperature {t.temperature}, tail bucket {t.tail_bucket}",
-            f"- source selection share: {fusion.get('selection_share', {})}",
+            "- source selection share: "
+            + (
+                "counted while training (train/fused/manifest.json)"
+                if data.stats().get("streaming")
+                else str(fusion.get("selection_share", {}))
+            ),
         ]
     inputs = ", ".join(i.path or i.hf_dataset for i in cfg.corpus.inputs) or "?"
     lines += [

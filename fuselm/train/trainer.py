@@ -44,9 +44,7 @@ from fuselm.artifacts import atomic_write_json, read_json
 from fuselm.train.batching import (
     collate,
     count_steps,
-    plan_steps,
     rank_slice,
-    step_digest,
 )
 from fuselm.train.data import TrainExample
 from fuselm.train.step import (
@@ -148,7 +146,15 @@ class Trainer:
             desc: progress bar label.
         """
         self.load_model = load_model
-        self.examples = list(examples)
+        # A list of rows (built in memory), or an example source that plans and fetches
+        # rows lazily (``fuselm.train.stream``): the loop below only needs len/plan/fetch.
+        if hasattr(examples, "fetch") and hasattr(examples, "plan"):
+            self.source: Any = examples
+        else:
+            from fuselm.train.stream import MemoryExamples
+
+            self.source = MemoryExamples(examples)
+        self.examples = getattr(self.source, "examples", None)
         self.s = settings
         self.out = Path(out_dir)
         self.fingerprint = fingerprint
@@ -161,7 +167,7 @@ class Trainer:
             stop_after if stop_after is not None else (int(env_stop) if env_stop else None)
         )
         self.desc = desc
-        if settings.uses_teacher:
+        if settings.uses_teacher and self.examples is not None:
             bare = [e.block_id for e in self.examples if e.teacher_ids is None]
             if bare:
                 raise TrainingError(
@@ -186,15 +192,11 @@ class Trainer:
         world, rank = acc.num_processes, acc.process_index
         global_micro = s.batch_size * world
         global_batch = global_micro * s.grad_accum
-        total = count_steps(len(self.examples), global_batch, s.epochs, s.max_steps)
+        total = count_steps(len(self.source), global_batch, s.epochs, s.max_steps)
         if total == 0:
             raise TrainingError("no training rows: nothing to train on")
-        plan = plan_steps(
-            [len(e) for e in self.examples],
-            steps=total,
-            micro_batch=global_micro,
-            grad_accum=s.grad_accum,
-            seed=s.seed,
+        plan = self.source.plan(
+            steps=total, micro_batch=global_micro, grad_accum=s.grad_accum, seed=s.seed
         )
         set_seed(s.seed)
 
@@ -228,7 +230,7 @@ class Trainer:
         for step in range(start, total):
             micro = [
                 collate(
-                    [self.examples[i] for i in rank_slice(m, rank, world)],
+                    self.source.fetch(rank_slice(m, rank, world)),
                     pad_id=self.pad_id,
                     with_teacher=s.uses_teacher,
                 )
@@ -287,7 +289,7 @@ class Trainer:
                         "tokens_seen": tokens_seen,
                         "grad_norm": grad_norm,
                         "skipped": bool(getattr(acc, "optimizer_step_was_skipped", False)),
-                        "rows": step_digest(self.examples, plan[step]),
+                        "rows": self.source.digest(plan[step]),
                         "time": round(time.perf_counter() - t0, 4),
                     }
                 )
