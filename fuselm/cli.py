@@ -49,6 +49,12 @@ STAGES: dict[str, tuple[str | None, str, str]] = {
         "continually train the target on λ·CLM + (1−λ)·fusion (and the λ = 1 control)",
         "",
     ),
+    "merge": (
+        "fuselm.merge.stage:run_merge",
+        "merge same-architecture models (the pairwise fused targets): linear, task "
+        "arithmetic, TIES, DARE, SLERP, SCE",
+        "",
+    ),
     "eval": (
         "fuselm.evaluate:run_eval",
         "bits per byte per domain: sources, target, control, fused target",
@@ -93,10 +99,18 @@ def _run_stages(names: list[str], args: argparse.Namespace) -> int:
                     log.info("%s; stopping here", e)
                     break
                 raise
+            if name == "merge" and len(names) > 1 and not _merge_wanted(cfg):
+                log.info("merge: skipped (fuse.mode is multi and merge.models is empty)")
+                continue
             log.info("%s: starting (run dir %s)", name, run_dir)
             manifest = runner(cfg, run_dir, args.force)
             _print_summary(name, run_dir, manifest)
     return 0
+
+
+def _merge_wanted(cfg: PipelineConfig) -> bool:
+    """Whether `fuselm run` has anything to merge (pairwise targets or explicit models)."""
+    return cfg.fuse.mode != "multi" or bool(cfg.merge.models)
 
 
 def _print_summary(name: str, run_dir: Path, manifest: dict[str, Any]) -> None:
@@ -151,7 +165,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _stage_dirs(run_dir: Path, name: str, cfg: PipelineConfig | None) -> list[str]:
     """Stage folder names; per-source stages have one folder per source."""
     if name == "train":
-        return ["train/fused", "train/control"]
+        from fuselm.train.stage import variant_names
+
+        found = sorted(p.name for p in (run_dir / "train").glob("pair-*") if p.is_dir())
+        wanted = variant_names(cfg) if cfg is not None else ["fused", "control"]
+        return [f"train/{v}" for v in dict.fromkeys(wanted + found)]
     if name not in ("capture", "align"):
         return [name]
     if cfg is not None:

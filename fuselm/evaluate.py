@@ -277,13 +277,30 @@ def _validation_blocks(run_dir: Path, max_blocks: int) -> list[dict[str, Any]]:
 
 
 def _trained_models(run_dir: Path) -> dict[str, Path]:
-    """Trained variants present in the run (``train/<variant>/model`` with a manifest)."""
+    """Trained and merged models present in the run, by variant name.
+
+    ``train/<variant>/model`` for ``fused``, ``control`` and the pairwise targets
+    ``pair-<source>``, and ``merge/model`` as ``merged``; each only with a manifest.
+    """
     out = {}
-    for variant in ("fused", "control"):
+    pairs = sorted(p.name for p in (Path(run_dir) / "train").glob("pair-*") if p.is_dir())
+    for variant in ("fused", "control", *pairs):
         st = Stage(run_dir, f"train/{variant}")
         if st.manifest() is not None and (st.path / "model" / "config.json").exists():
             out[variant] = st.path / "model"
+    st = Stage(run_dir, "merge")
+    if st.manifest() is not None and (st.path / "model" / "config.json").exists():
+        out["merged"] = st.path / "model"
     return out
+
+
+def _stage_of(variant: str) -> str:
+    return "merge" if variant == "merged" else f"train/{variant}"
+
+
+def _kind(variant: str) -> str:
+    """The results' ``kind`` of a variant: fused, control, pairwise or merged."""
+    return "pairwise" if variant.startswith("pair-") else variant
 
 
 def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
@@ -315,7 +332,7 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
         "format": FORMAT_VERSION,
         "prepare": prep["fingerprint"] if prep else None,
         "captures": captured,
-        "trained": {v: Stage(run_dir, f"train/{v}").manifest()["fingerprint"] for v in trained},
+        "trained": {v: Stage(run_dir, _stage_of(v)).manifest()["fingerprint"] for v in trained},
         "eval": {
             "max_blocks": cfg.eval.max_blocks,
             "unit": cfg.eval.unit,
@@ -370,7 +387,7 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
             bos=cfg.target.bos,
             max_context=model_context(m),
         )
-        add(f"{target_name}-{variant}", variant, scores, target_digest)
+        add(f"{target_name}-{variant}", _kind(variant), scores, target_digest)
         del model
     if cfg.eval.lm_eval_tasks:  # downstream tasks (optional extra), target before/after
         from fuselm.lmeval import run_lm_eval

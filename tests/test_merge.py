@@ -148,8 +148,13 @@ def test_stage_sharded_resume_skip_and_loads(merge_models, write_config, tmp_pat
 
     models = [str(merge_models["a"]), str(merge_models["b"])]
     cfg = _cfg(
-        write_config, tmp_path, method="ties", models=models, base=str(merge_models["base"]),
-        density=0.5, max_shard_mb=0.02,
+        write_config,
+        tmp_path,
+        method="ties",
+        models=models,
+        base=str(merge_models["base"]),
+        density=0.5,
+        max_shard_mb=0.02,
     )
     run = tmp_path / "run"
     man = run_merge(cfg, run)
@@ -166,8 +171,13 @@ def test_stage_sharded_resume_skip_and_loads(merge_models, write_config, tmp_pat
     manifest = json.loads((run / "merge" / "manifest.json").read_text())
     (run / "merge" / "manifest.json").unlink()
     (run / "merge" / PENDING).write_text(
-        json.dumps({"fingerprint": manifest["fingerprint"], "components": manifest["components"],
-                    "shards": []})
+        json.dumps(
+            {
+                "fingerprint": manifest["fingerprint"],
+                "components": manifest["components"],
+                "shards": [],
+            }
+        )
     )
     again = run_merge(cfg, run)
     assert again["stats"]["shards_written"] == 1
@@ -182,7 +192,9 @@ def test_stage_sharded_resume_skip_and_loads(merge_models, write_config, tmp_pat
 @pytest.mark.parametrize("other", ["gpt2", "wide"])
 def test_stage_refuses_different_architectures(other, merge_models, write_config, tmp_path):
     cfg = _cfg(
-        write_config, tmp_path, method="linear",
+        write_config,
+        tmp_path,
+        method="linear",
         models=[str(merge_models["a"]), str(merge_models[other])],
     )
     with pytest.raises(StageError, match="architecture|different sizes"):
@@ -207,8 +219,9 @@ def test_stage_failure_modes(merge_models, write_config, tmp_path):
     bad.mkdir()
     (bad / "config.json").write_text("{}")
     with pytest.raises(StageError, match="safetensors"):
-        run_merge(_cfg(write_config, tmp_path, method="linear", models=[a, str(bad)]),
-                  tmp_path / "run")
+        run_merge(
+            _cfg(write_config, tmp_path, method="linear", models=[a, str(bad)]), tmp_path / "run"
+        )
     # an integer buffer is copied, a float tensor merged
     odd = tmp_path / "odd"
     odd.mkdir()

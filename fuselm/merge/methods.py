@@ -98,7 +98,9 @@ def _topk_mask(values: Tensor, density: float) -> Tensor:
     return mask.reshape(values.shape)
 
 
-def linear(thetas: Tensor, base: Tensor | None, weights: Tensor, p: MergeParams, name: str) -> Tensor:
+def linear(
+    thetas: Tensor, base: Tensor | None, weights: Tensor, p: MergeParams, name: str
+) -> Tensor:
     """Weighted average of the models: ``(N, *S) -> (*S)``."""
     w = _norm_weights(weights)
     return (thetas * _bcast(w, thetas)).sum(0)
@@ -150,7 +152,9 @@ def dare(thetas: Tensor, base: Tensor | None, weights: Tensor, p: MergeParams, n
     return base + p.scale * (tau * _bcast(w, tau)).sum(0)
 
 
-def slerp(thetas: Tensor, base: Tensor | None, weights: Tensor, p: MergeParams, name: str) -> Tensor:
+def slerp(
+    thetas: Tensor, base: Tensor | None, weights: Tensor, p: MergeParams, name: str
+) -> Tensor:
     """Spherical interpolation of two models at ``t``: ``(2, *S) -> (*S)``."""
     if thetas.shape[0] != 2:
         raise ValueError(f"slerp merges exactly 2 models, got {thetas.shape[0]}")

@@ -144,8 +144,11 @@ def check_compatible(models: list[WeightFiles], base: WeightFiles | None) -> Non
 
 
 def plan_shards(ref: WeightFiles, max_bytes: int) -> list[list[str]]:
-    """Tensor names grouped into output shards of at most ``max_bytes`` (a tensor larger
-    than that gets a shard of its own), in the reference model's sorted name order."""
+    """Tensor names grouped into output shards of at most ``max_bytes``.
+
+    A tensor larger than that gets a shard of its own; order: the reference model's
+    sorted tensor names.
+    """
     shards: list[list[str]] = [[]]
     size = 0
     for name in sorted(ref.shapes):
@@ -206,9 +209,7 @@ def resolve_inputs(cfg: PipelineConfig, run_dir: Path) -> tuple[list[str], str |
     return models, base
 
 
-def merge_components(
-    cfg: PipelineConfig, models: list[str], base: str | None
-) -> dict[str, Any]:
+def merge_components(cfg: PipelineConfig, models: list[str], base: str | None) -> dict[str, Any]:
     """Everything the merged weights depend on (its fingerprint is the stage identity).
 
     ``max_shard_mb`` is in: it decides the file layout that resume relies on.
@@ -363,9 +364,14 @@ def _save_atomic(tensors: dict[str, Any], path: Path) -> None:
 
 def _copy_model_files(src: Path, dst: Path) -> None:
     for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(_SKIP_SUFFIXES) and f.name not in (
-            INDEX,
-            "README.md",
+        if (
+            f.is_file()
+            and not f.name.endswith(_SKIP_SUFFIXES)
+            and f.name
+            not in (
+                INDEX,
+                "README.md",
+            )
         ):
             shutil.copy2(f, dst / f.name)
 
