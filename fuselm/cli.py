@@ -209,7 +209,13 @@ def _current_components(
             # The CURRENT prepare fingerprint: an edited corpus makes every capture stale.
             prepare_fp = fingerprint(_current_components("prepare", cfg, run_dir, cache))
             digest = tokenizer_digest(load_tokenizer(model))
-            result = capture_components(cfg, model, prepare_fp, digest, dtype)
+            template = None
+            if run_dir is not None:  # chat data: the template is part of the identity
+                from fuselm.capture.stage import run_chat_template
+
+                prep = Stage(run_dir, "prepare").manifest() or {}
+                template = run_chat_template(prep, model, load_tokenizer(model))
+            result = capture_components(cfg, model, prepare_fp, digest, dtype, template)
     elif stage.startswith("align/") and _runner_exists("align"):
         from fuselm.align.stage import current_components
 

@@ -49,6 +49,7 @@ BLOCK_COLUMNS = (
     "char_start",
     "hash",
     "text",
+    "messages",
 )
 
 
@@ -245,6 +246,7 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
             ("char_start", pa.int64()),
             ("hash", pa.string()),
             ("text", pa.string()),
+            ("messages", pa.string()),  # conversation JSON (chat data), "" for plain text
         ]
     )
 
@@ -260,6 +262,7 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
         rows.clear()
 
     seen_ids: set[str] = set()
+    chat_fit: _ChatFit | None = None  # built at the first conversation
     bar = progress(desc="prepare", unit="doc")
     for i, inp in enumerate(c.inputs):
         for doc in iter_documents(inp, i, c.errors, counters):
@@ -271,6 +274,20 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
             seen_ids.add(doc.doc_id)
             if not doc.text.strip():
                 counters["skipped_empty"] += 1
+                continue
+            if doc.messages is not None:
+                if chat_fit is None:
+                    chat_fit = _ChatFit(cfg, toks)
+                split = (
+                    "validation"
+                    if is_validation(doc.doc_id, c.seed, c.validation_fraction)
+                    else "train"
+                )
+                row = chat_fit.block(doc, split, counters, per_domain, tokens, max_tokens)
+                if row is not None:
+                    buffers[split].append(row)
+                    if len(buffers[split]) >= c.blocks_per_shard:
+                        flush(split)
                 continue
             budgets = [
                 Budget(_counter(t.tokenizer), t.limit, _ends(t.tokenizer, doc.text)) for t in toks
@@ -306,6 +323,7 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
                         "char_start": s,
                         "hash": text_digest(text),
                         "text": text,
+                        "messages": "",
                     }
                 )
                 counters["blocks"] += 1
@@ -338,6 +356,11 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
                 "skipped_binary",
             )
         },
+        **{
+            k: counters[k]
+            for k in ("conversations", "conversations_truncated", "conversations_skipped")
+            if counters[k]
+        },
         "domains": {d: dict(v) for d, v in sorted(per_domain.items())},
         "tokens": tokens,
         "max_block_tokens": max_tokens,
@@ -353,6 +376,95 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
     manifest = stage.finish(stats, shards=shards)
     (stage.path / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+class _ChatFit:
+    """Conversations in prepare: whole turns only, sized under every model's own template.
+
+    Each model renders the conversation with its chat template (``fuselm.chat``); a
+    conversation longer than some model's limit is truncated by whole turns from the end
+    (the longest prefix ending with an assistant turn that fits every model) or, when not
+    even that fits or it has no assistant turn, skipped and counted. Never cut mid-turn:
+    a cut would leave each model's template rendering a different, broken conversation.
+    """
+
+    def __init__(self, cfg: PipelineConfig, toks: list[_Tok]) -> None:
+        from fuselm.chat import chat_template
+        from fuselm.models import load_tokenizer
+
+        self.models = []
+        for m in cfg.models():
+            tok = load_tokenizer(m)
+            limit = next(t.limit for t in toks if m.resolved_name() in t.names)
+            key = next("+".join(t.names) for t in toks if m.resolved_name() in t.names)
+            self.models.append((m.resolved_name(), tok, chat_template(m, tok), limit, key))
+
+    def lengths(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        from fuselm.chat import render
+
+        out = []
+        for name, tok, template, _, _ in self.models:
+            r = render(tok, messages, template, name)
+            out.append(len(tok(r.text, add_special_tokens=False)["input_ids"]))
+        return out
+
+    def block(
+        self,
+        doc: Document,
+        split: str,
+        counters: dict[str, int],
+        per_domain: dict[str, dict[str, int]],
+        tokens: dict[str, int],
+        max_tokens: dict[str, int],
+    ) -> dict[str, Any] | None:
+        """The prepare row of one conversation, or None when it is skipped."""
+        from fuselm.chat import conversation_text, dumps, truncate_to_fit
+
+        assert doc.messages is not None
+
+        def fits(msgs: Sequence[dict[str, str]]) -> bool:
+            return all(n <= m[3] for n, m in zip(self.lengths(msgs), self.models, strict=True))
+
+        kept = truncate_to_fit(doc.messages, fits)
+        if kept is None:
+            counters["conversations_skipped"] += 1
+            log.warning(
+                "prepare: %s: conversation skipped: no assistant turn, or its first exchange "
+                "exceeds a model's limit (%s tokens)",
+                doc.origin,
+                ", ".join(f"{m[0]} {m[3]}" for m in self.models),
+            )
+            return None
+        counters["conversations"] += 1
+        counters["conversations_truncated"] += len(kept) < len(doc.messages)
+        text = conversation_text(kept)
+        counters["documents"] += 1
+        counters[f"documents_{split}"] += 1
+        counters["characters"] += len(text)
+        counters["blocks"] += 1
+        counters[f"blocks_{split}"] += 1
+        dom = per_domain[doc.domain]
+        dom["documents"] += 1
+        dom["characters"] += len(text)
+        dom[f"blocks_{split}"] += 1
+        seen: set[str] = set()
+        for n, m in zip(self.lengths(kept), self.models, strict=True):
+            if m[4] not in seen:  # models sharing a tokenizer count once
+                seen.add(m[4])
+                tokens[m[4]] += n
+            max_tokens[m[4]] = max(max_tokens[m[4]], n)
+        return {
+            "block_id": f"{doc.doc_id}#0",
+            "doc_id": doc.doc_id,
+            "block_index": 0,
+            "n_blocks": 1,
+            "domain": doc.domain,
+            "split": split,
+            "char_start": 0,
+            "hash": text_digest(text),
+            "text": text,
+            "messages": dumps(kept),
+        }
 
 
 # --------------------------------------------------------------------------- reading back

@@ -304,6 +304,7 @@ def align_source(
 
     from fuselm.progress import progress
 
+    chat_sides = _chat_sides(cfg, m, prep, tokenizer, src_surface, target)
     cap_stage = Stage(run_dir, f"capture/{name}")
     total = sum(pq.ParquetFile(cap_stage.shard_path(s)).metadata.num_rows for s in todo)
     bar = progress(total=total, desc=f"align {name}", unit="block")
@@ -321,6 +322,7 @@ def align_source(
             src_surface=src_surface,
             vmap=vmap,
             method_used=method_used,
+            chat_sides=chat_sides,
         )
         table = store.to_table(
             rows,
@@ -371,8 +373,13 @@ def _align_shard(
     src_surface: VocabSurface,
     vmap: VocabMap,
     method_used: str,
+    chat_sides: tuple[Any, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], _Totals, int]:
-    """Align the blocks of one capture shard; return the encoded rows, totals and k."""
+    """Align the blocks of one capture shard; return the encoded rows, totals and k.
+
+    Chat blocks (a prepare row with ``messages``) go through
+    ``chat_blocks.align_chat_block`` with ``chat_sides`` (source, target).
+    """
     from fuselm.align import get_align_method
 
     method = None if method_used == IDENTITY else get_align_method(method_used)
@@ -396,6 +403,11 @@ def _align_shard(
     for b, meta in zip(src_blocks, metas, strict=True):
         text, tb = meta["text"], tgt_blocks[b.hash]
         tgt = Tokens(tb.token_ids, tb.offsets, tb.text_roundtrip)
+        if meta.get("messages"):
+            rec, diag = _chat_block(b, tgt, meta, name, target, chat_sides, vmap, method)
+            totals.add(rec, diag)
+            rows.append(store.encode_aligned(rec))
+            continue
         fn = method
         if method_used == "offsets":  # undeclared normalisation: this block only
             bad = _uncovered(text, b, src_surface) or _uncovered(text, tgt, target.surface)
@@ -433,6 +445,64 @@ def _align_shard(
             totals.examples[0],
         )
     return rows, totals, k
+
+
+def _chat_sides(
+    cfg: PipelineConfig,
+    m: ModelConfig,
+    prep: dict[str, Any],
+    tokenizer: Any,
+    surface: VocabSurface,
+    target: _TargetSide,
+) -> tuple[Any, Any] | None:
+    """Source and target ``ChatSide`` when the corpus holds conversations, else None."""
+    from fuselm.align.chat_blocks import ChatSide
+    from fuselm.chat import chat_template
+
+    if not prep.get("stats", {}).get("conversations"):
+        return None
+    tgt = ChatSide(
+        target.name, target.tokenizer, chat_template(cfg.target, target.tokenizer), target.surface
+    )
+    if m is cfg.target:
+        return tgt, tgt
+    return ChatSide(m.resolved_name(), tokenizer, chat_template(m, tokenizer), surface), tgt
+
+
+def _chat_block(
+    b: Any,
+    tgt: Tokens,
+    meta: dict[str, Any],
+    name: str,
+    target: _TargetSide,
+    sides: tuple[Any, Any] | None,
+    vmap: VocabMap,
+    method: Callable | None,
+) -> tuple[Any, Any]:
+    from fuselm.align.chat_blocks import align_chat_block, target_tokens
+    from fuselm.chat import loads
+
+    if sides is None:
+        raise StageError(
+            f"align: source '{name}': block {b.block_id} is a conversation but the prepare "
+            "manifest counts none; re-run `fuselm prepare --force`"
+        )
+    messages = loads(meta["messages"])
+    if not target.captured:  # the target's own rendering, tokenized here
+        tgt = target_tokens(sides[1], messages)
+    try:
+        return align_chat_block(
+            messages,
+            b,
+            tgt,
+            src_side=sides[0],
+            tgt_side=sides[1],
+            vmap=vmap,
+            inner=method,
+            meta={**meta, "hash": b.hash},
+        )
+    except ValueError as e:
+        raise StageError(f"align: source '{name}': block {b.block_id} (hash {b.hash}): {e}") from e
 
 
 def _uncovered(text: str, toks: Any, surface: VocabSurface) -> list[Any] | None:
