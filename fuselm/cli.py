@@ -46,7 +46,8 @@ STAGES: dict[str, tuple[str | None, str, str]] = {
     ),
     "train": (
         "fuselm.train.stage:run_train",
-        "continually train the target on λ·CLM + (1−λ)·fusion (and the λ = 1 control)",
+        "continually train the target on λ·CLM + (1−λ)·fusion (and the λ = 1 control); "
+        "fuse.mode: pairwise trains one copy of the pivot per source (FuseChat)",
         "",
     ),
     "merge": (
@@ -57,7 +58,8 @@ STAGES: dict[str, tuple[str | None, str, str]] = {
     ),
     "eval": (
         "fuselm.evaluate:run_eval",
-        "bits per byte per domain: sources, target, control, fused target",
+        "bits per byte per domain: sources, target, control, fused target, pairwise targets, "
+        "merged model",
         "",
     ),
     "report": ("fuselm.report:run_report", "write report.md and PNG plots of a run", ""),
@@ -230,6 +232,14 @@ def _current_components(
         from fuselm.train.stage import current_components as train_components
 
         result = train_components(cfg, run_dir, stage.split("/", 1)[1])
+    elif stage == "merge" and run_dir is not None:
+        from fuselm.merge.stage import merge_components, resolve_inputs
+
+        try:
+            models, base = resolve_inputs(cfg, run_dir)
+            result = merge_components(cfg, models, base)
+        except StageError:
+            result = None
     # eval and report are cheap: they are rerun, not checked
     cache[stage] = result
     return result
@@ -288,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Config overrides: append section.field=value, e.g. train.learning_rate=2e-5 "
             "sources.0.dtype=bfloat16 (list items by index or name). "
-            "All fields: configs/reference.yaml."
+            "All fields: configs/reference.yaml. Chat data (FuseChat): jsonl rows with "
+            "`messages`; each model's own chat template is applied and prompts are masked. "
+            "Fuse-then-merge: fuse.mode=pairwise, then `fuselm merge` (merge.method=sce)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

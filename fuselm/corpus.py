@@ -181,6 +181,9 @@ def prepare_components(cfg: PipelineConfig, toks: list[_Tok]) -> dict[str, Any]:
     """Everything the prepare output depends on (its fingerprint is the stage identity)."""
     corpus = to_dict(cfg.corpus)
     corpus.pop("blocks_per_shard")  # sharding does not change the blocks
+    for inp in corpus["inputs"]:  # added with chat data: at its default, runs keep their id
+        if inp.get("messages_field") == "messages":
+            inp.pop("messages_field")
     return {
         "format": FORMAT_VERSION,
         "corpus": corpus,
@@ -262,7 +265,7 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
         rows.clear()
 
     seen_ids: set[str] = set()
-    chat_fit: _ChatFit | None = None  # built at the first conversation
+    chat_fit: Any = None  # fuselm.chat_prepare.ChatFit, built at the first conversation
     bar = progress(desc="prepare", unit="doc")
     for i, inp in enumerate(c.inputs):
         for doc in iter_documents(inp, i, c.errors, counters):
@@ -277,7 +280,9 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
                 continue
             if doc.messages is not None:
                 if chat_fit is None:
-                    chat_fit = _ChatFit(cfg, toks)
+                    from fuselm.chat_prepare import ChatFit
+
+                    chat_fit = ChatFit(cfg, [(t.names, t.limit) for t in toks])
                 split = (
                     "validation"
                     if is_validation(doc.doc_id, c.seed, c.validation_fraction)
@@ -376,95 +381,6 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
     manifest = stage.finish(stats, shards=shards)
     (stage.path / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return manifest
-
-
-class _ChatFit:
-    """Conversations in prepare: whole turns only, sized under every model's own template.
-
-    Each model renders the conversation with its chat template (``fuselm.chat``); a
-    conversation longer than some model's limit is truncated by whole turns from the end
-    (the longest prefix ending with an assistant turn that fits every model) or, when not
-    even that fits or it has no assistant turn, skipped and counted. Never cut mid-turn:
-    a cut would leave each model's template rendering a different, broken conversation.
-    """
-
-    def __init__(self, cfg: PipelineConfig, toks: list[_Tok]) -> None:
-        from fuselm.chat import chat_template
-        from fuselm.models import load_tokenizer
-
-        self.models = []
-        for m in cfg.models():
-            tok = load_tokenizer(m)
-            limit = next(t.limit for t in toks if m.resolved_name() in t.names)
-            key = next("+".join(t.names) for t in toks if m.resolved_name() in t.names)
-            self.models.append((m.resolved_name(), tok, chat_template(m, tok), limit, key))
-
-    def lengths(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        from fuselm.chat import render
-
-        out = []
-        for name, tok, template, _, _ in self.models:
-            r = render(tok, messages, template, name)
-            out.append(len(tok(r.text, add_special_tokens=False)["input_ids"]))
-        return out
-
-    def block(
-        self,
-        doc: Document,
-        split: str,
-        counters: dict[str, int],
-        per_domain: dict[str, dict[str, int]],
-        tokens: dict[str, int],
-        max_tokens: dict[str, int],
-    ) -> dict[str, Any] | None:
-        """The prepare row of one conversation, or None when it is skipped."""
-        from fuselm.chat import conversation_text, dumps, truncate_to_fit
-
-        assert doc.messages is not None
-
-        def fits(msgs: Sequence[dict[str, str]]) -> bool:
-            return all(n <= m[3] for n, m in zip(self.lengths(msgs), self.models, strict=True))
-
-        kept = truncate_to_fit(doc.messages, fits)
-        if kept is None:
-            counters["conversations_skipped"] += 1
-            log.warning(
-                "prepare: %s: conversation skipped: no assistant turn, or its first exchange "
-                "exceeds a model's limit (%s tokens)",
-                doc.origin,
-                ", ".join(f"{m[0]} {m[3]}" for m in self.models),
-            )
-            return None
-        counters["conversations"] += 1
-        counters["conversations_truncated"] += len(kept) < len(doc.messages)
-        text = conversation_text(kept)
-        counters["documents"] += 1
-        counters[f"documents_{split}"] += 1
-        counters["characters"] += len(text)
-        counters["blocks"] += 1
-        counters[f"blocks_{split}"] += 1
-        dom = per_domain[doc.domain]
-        dom["documents"] += 1
-        dom["characters"] += len(text)
-        dom[f"blocks_{split}"] += 1
-        seen: set[str] = set()
-        for n, m in zip(self.lengths(kept), self.models, strict=True):
-            if m[4] not in seen:  # models sharing a tokenizer count once
-                seen.add(m[4])
-                tokens[m[4]] += n
-            max_tokens[m[4]] = max(max_tokens[m[4]], n)
-        return {
-            "block_id": f"{doc.doc_id}#0",
-            "doc_id": doc.doc_id,
-            "block_index": 0,
-            "n_blocks": 1,
-            "domain": doc.domain,
-            "split": split,
-            "char_start": 0,
-            "hash": text_digest(text),
-            "text": text,
-            "messages": dumps(kept),
-        }
 
 
 # --------------------------------------------------------------------------- reading back

@@ -16,8 +16,7 @@ from fuselm.cli import main
 from fuselm.testing import build_tokenizer, save_tiny_model
 
 CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 )
 INST = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
@@ -69,9 +68,16 @@ def chat_models(tmp_path_factory):
 def _corpus(tmp_path, convs=CONVS, copies=4):
     path = tmp_path / "chat.jsonl"
     rows = [
-        {"messages": [{**m, "content": m["content"] + ("" if j == 0 else f" #{j}")}
-                      if m["role"] != "system" else m for m in c]}
-        for j in range(copies) for c in convs
+        {
+            "messages": [
+                {**m, "content": m["content"] + ("" if j == 0 else f" #{j}")}
+                if m["role"] != "system"
+                else m
+                for m in c
+            ]
+        }
+        for j in range(copies)
+        for c in convs
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     return path
@@ -79,12 +85,21 @@ def _corpus(tmp_path, convs=CONVS, copies=4):
 
 def _config(tmp_path, chat_models, corpus, **extra):
     cfg = {
-        "corpus": {"inputs": [{"path": str(corpus), "domain": "chat"}], "block_tokens": 200,
-                   "validation_fraction": 0.3},
+        "corpus": {
+            "inputs": [{"path": str(corpus), "domain": "chat"}],
+            "block_tokens": 200,
+            "validation_fraction": 0.3,
+        },
         "target": {"model": str(chat_models["chatml"]), "name": "tgt"},
         "sources": [{"model": str(chat_models["inst"]), "name": "inst"}],
-        "train": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, "warmup_ratio": 0.0,
-                  "seq_len": 256, "precision": "float32"},
+        "train": {
+            "max_steps": 2,
+            "batch_size": 2,
+            "learning_rate": 1e-3,
+            "warmup_ratio": 0.0,
+            "seq_len": 256,
+            "precision": "float32",
+        },
         "eval": {"control": False},
         **extra,
     }
@@ -107,8 +122,10 @@ def test_render_locates_turns_and_refuses_bad_templates(chat_models):
 
     tok = AutoTokenizer.from_pretrained(chat_models["inst"])
     r = chat.render(tok, CONVS[0], INST, "inst")
-    assert [r.text[a:b] for a, b, _ in r.spans] == ["It is 4, of course.",
-                                                     "Thanks for asking the quick brown fox!"]
+    assert [r.text[a:b] for a, b, _ in r.spans] == [
+        "It is 4, of course.",
+        "Thanks for asking the quick brown fox!",
+    ]
     assert r.text.startswith("<s>[INST] What is 2+2? [/INST] It is 4")  # system dropped
     padded = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  yes  "}]
     r = chat.render(tok, padded, INST, "inst")  # trimmed by the template: located inside
@@ -120,8 +137,9 @@ def test_render_locates_turns_and_refuses_bad_templates(chat_models):
     with pytest.raises(chat.ChatTemplateError, match="repeats"):
         chat.render(tok, CONVS[1], twice, "inst")
     with pytest.raises(StageError, match=r"messages\[1\].content"):
-        chat.parse_messages([{"role": "user", "content": "a"}, {"role": "assistant"}], "f:1",
-                            "messages")
+        chat.parse_messages(
+            [{"role": "user", "content": "a"}, {"role": "assistant"}], "f:1", "messages"
+        )
 
 
 def test_truncate_by_whole_turns():
@@ -156,7 +174,10 @@ def test_prepare_truncates_and_skips_conversations(chat_models, tmp_path):
     from fuselm.corpus import read_blocks, run_prepare
 
     long_turns = [{"role": "user", "content": "Tell me."}, {"role": "assistant", "content": "Ok."}]
-    long_turns += [{"role": "user", "content": "More " * 30}, {"role": "assistant", "content": "x " * 60}]
+    long_turns += [
+        {"role": "user", "content": "More " * 30},
+        {"role": "assistant", "content": "x " * 60},
+    ]
     too_long = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "no"}]
     no_answer = [{"role": "user", "content": "anyone?"}]
     corpus = _corpus(tmp_path, [CONVS[1], long_turns, too_long, no_answer], copies=1)
@@ -259,3 +280,22 @@ def test_chat_pipeline_masks_prompts_token_by_token(chat_models, tmp_path):
     val = [r for r in read_blocks(run, "validation").to_pylist()]
     assert n_bytes == {sum(chat.content_bytes(json.loads(r["messages"])) for r in val)}
     assert cfg.target.resolved_name() + "-fused" in res["models"]
+
+
+def test_uncaptured_target_tokenizes_its_own_rendering(chat_models, tmp_path):
+    from fuselm.align.store import load_aligned
+
+    corpus = _corpus(tmp_path, copies=1)
+    out = {}
+    for as_source in (True, False):
+        cfg = _config(tmp_path, chat_models, corpus)
+        run = tmp_path / f"run-{as_source}"
+        over = [f"target.as_source={str(as_source).lower()}"]
+        for stage in ("prepare", "capture", "align"):
+            assert main(["-q", stage, "-c", str(cfg), "-o", str(run), *over]) == 0
+        out[as_source] = load_aligned(run, "inst", None)
+    assert out[True].keys() == out[False].keys()
+    for h, a in out[True].items():
+        b = out[False][h]
+        assert a.input_ids.tolist() == b.input_ids.tolist()
+        assert (a.target_mask == b.target_mask).all() and (a.valid == b.valid).all()

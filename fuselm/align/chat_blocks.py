@@ -131,3 +131,68 @@ def align_chat_block(
         rec.nll_sum = float(-np.asarray(src.gold, np.float64)[:s_p][scored].sum())
         rec.nll_bytes = int(nxt[scored].sum())
     return rec, diag
+
+
+def chat_sides_for(
+    cfg: Any,
+    m: Any,
+    prep: dict[str, Any],
+    tokenizer: Any,
+    surface: VocabSurface,
+    target: Any,
+) -> tuple[ChatSide, ChatSide] | None:
+    """Source and target ``ChatSide`` when the corpus holds conversations, else None.
+
+    ``target`` is the align stage's ``_TargetSide`` (name, tokenizer, surface).
+    """
+    from fuselm.chat import chat_template
+
+    if not prep.get("stats", {}).get("conversations"):
+        return None
+    tgt = ChatSide(
+        target.name, target.tokenizer, chat_template(cfg.target, target.tokenizer), target.surface
+    )
+    if m is cfg.target:
+        return tgt, tgt
+    return ChatSide(m.resolved_name(), tokenizer, chat_template(m, tokenizer), surface), tgt
+
+
+def chat_block(
+    b: Any,
+    tgt: Tokens,
+    meta: dict[str, Any],
+    name: str,
+    target_captured: bool,
+    sides: tuple[ChatSide, ChatSide] | None,
+    vmap: Any,
+    method: Any,
+) -> tuple[Any, Any]:
+    """One chat block of a capture shard, aligned (the align stage's entry point).
+
+    Raises:
+        StageError: the prepare output has conversations its manifest does not count,
+            or the block cannot be aligned (naming source and block).
+    """
+    from fuselm.chat import loads
+
+    if sides is None:
+        raise StageError(
+            f"align: source '{name}': block {b.block_id} is a conversation but the prepare "
+            "manifest counts none; re-run `fuselm prepare --force`"
+        )
+    messages = loads(meta["messages"])
+    if not target_captured:  # the target's own rendering, tokenized here
+        tgt = target_tokens(sides[1], messages)
+    try:
+        return align_chat_block(
+            messages,
+            b,
+            tgt,
+            src_side=sides[0],
+            tgt_side=sides[1],
+            vmap=vmap,
+            inner=method,
+            meta={**meta, "hash": b.hash},
+        )
+    except ValueError as e:
+        raise StageError(f"align: source '{name}': block {b.block_id} (hash {b.hash}): {e}") from e

@@ -61,6 +61,7 @@ from fuselm.align.blocks import (
     align_block,
     identity_map,
 )
+from fuselm.align.chat_blocks import chat_block, chat_sides_for
 from fuselm.align.inputs import _checked_capture, _PrepareBlocks, _TargetSide
 from fuselm.align.offsets import (
     offsets_cover_text,
@@ -304,7 +305,7 @@ def align_source(
 
     from fuselm.progress import progress
 
-    chat_sides = _chat_sides(cfg, m, prep, tokenizer, src_surface, target)
+    chat_sides = chat_sides_for(cfg, m, prep, tokenizer, src_surface, target)
     cap_stage = Stage(run_dir, f"capture/{name}")
     total = sum(pq.ParquetFile(cap_stage.shard_path(s)).metadata.num_rows for s in todo)
     bar = progress(total=total, desc=f"align {name}", unit="block")
@@ -404,7 +405,7 @@ def _align_shard(
         text, tb = meta["text"], tgt_blocks[b.hash]
         tgt = Tokens(tb.token_ids, tb.offsets, tb.text_roundtrip)
         if meta.get("messages"):
-            rec, diag = _chat_block(b, tgt, meta, name, target, chat_sides, vmap, method)
+            rec, diag = chat_block(b, tgt, meta, name, target.captured, chat_sides, vmap, method)
             totals.add(rec, diag)
             rows.append(store.encode_aligned(rec))
             continue
@@ -445,64 +446,6 @@ def _align_shard(
             totals.examples[0],
         )
     return rows, totals, k
-
-
-def _chat_sides(
-    cfg: PipelineConfig,
-    m: ModelConfig,
-    prep: dict[str, Any],
-    tokenizer: Any,
-    surface: VocabSurface,
-    target: _TargetSide,
-) -> tuple[Any, Any] | None:
-    """Source and target ``ChatSide`` when the corpus holds conversations, else None."""
-    from fuselm.align.chat_blocks import ChatSide
-    from fuselm.chat import chat_template
-
-    if not prep.get("stats", {}).get("conversations"):
-        return None
-    tgt = ChatSide(
-        target.name, target.tokenizer, chat_template(cfg.target, target.tokenizer), target.surface
-    )
-    if m is cfg.target:
-        return tgt, tgt
-    return ChatSide(m.resolved_name(), tokenizer, chat_template(m, tokenizer), surface), tgt
-
-
-def _chat_block(
-    b: Any,
-    tgt: Tokens,
-    meta: dict[str, Any],
-    name: str,
-    target: _TargetSide,
-    sides: tuple[Any, Any] | None,
-    vmap: VocabMap,
-    method: Callable | None,
-) -> tuple[Any, Any]:
-    from fuselm.align.chat_blocks import align_chat_block, target_tokens
-    from fuselm.chat import loads
-
-    if sides is None:
-        raise StageError(
-            f"align: source '{name}': block {b.block_id} is a conversation but the prepare "
-            "manifest counts none; re-run `fuselm prepare --force`"
-        )
-    messages = loads(meta["messages"])
-    if not target.captured:  # the target's own rendering, tokenized here
-        tgt = target_tokens(sides[1], messages)
-    try:
-        return align_chat_block(
-            messages,
-            b,
-            tgt,
-            src_side=sides[0],
-            tgt_side=sides[1],
-            vmap=vmap,
-            inner=method,
-            meta={**meta, "hash": b.hash},
-        )
-    except ValueError as e:
-        raise StageError(f"align: source '{name}': block {b.block_id} (hash {b.hash}): {e}") from e
 
 
 def _uncovered(text: str, toks: Any, surface: VocabSurface) -> list[Any] | None:

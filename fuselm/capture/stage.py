@@ -137,8 +137,7 @@ def read_plan_blocks(plan: ShardPlan) -> list[Block]:
     t = pq.read_table(plan.prepare_file, columns=cols)
     t = t.slice(plan.start, plan.stop - plan.start)
     return [
-        Block(r["block_id"], r["hash"], r["text"], loads(r.get("messages")))
-        for r in t.to_pylist()
+        Block(r["block_id"], r["hash"], r["text"], loads(r.get("messages"))) for r in t.to_pylist()
     ]
 
 
