@@ -8,10 +8,11 @@ memory before merging*, in units of one model's weights:
 - ``naive-N``: the baseline, in the same run: load the base and all N state dicts, then
   merge them with the same rule.
 
-The last line is ``merge_peak_models stream=<x,..> naive=<y,..> n=<N,..>``: the streaming
-merge should stay about constant in N (one output shard + a few tensors; the output
-shard limit is set large so the merged model is held whole: about one model), the naive
-one grows with N. Timings are not the point here (2 shared CPU cores).
+The last line is ``merge_peak_models stream=<x,..> naive=<y,..> n=<N,..>``. The streaming
+merge holds one output shard (the limit is set large here, so the whole merged model:
+one model) plus one tensor per input; measured here at hidden 384 / 6 layers it stays
+around two models (1.5, 1.75, 2.3 for N = 2, 4, 8) while loading everything grows
+linearly (4.4, 6.5, 10.8). Timings are not the point (2 shared CPU cores).
 
     python bench/merge_bench.py --hidden 384 --layers 6 --n 2 4 8
 """
@@ -56,6 +57,9 @@ def _child(root: Path, variant: str) -> None:
     from fuselm.config import load_config
     from fuselm.merge.methods import MergeParams, get_merge_method
     from fuselm.merge.stage import run_merge
+
+    import fuselm.models  # noqa: F401  (imports are not the merge's memory)
+    import fuselm.progress  # noqa: F401
 
     kind, n = variant.split("-")
     paths = sorted(root.glob("m*"), key=lambda p: int(p.name[1:]))[: int(n) + 1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def _man(run, sub):
     return json.loads((run / sub / "manifest.json").read_text())
 
 
-def test_pairwise_then_merge_eval_report(tiny_models, tmp_path):
+def test_pairwise_then_merge_eval_report(tiny_models, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     for i, text in enumerate(FIXTURE_TEXTS):
@@ -72,6 +73,11 @@ def test_pairwise_then_merge_eval_report(tiny_models, tmp_path):
     assert main(["-q", "merge", "-c", str(path), "-o", str(run)]) == 0
     merged = _man(run, "merge")
     assert merged["stats"]["models"] == 2 and merged["base"] == str(tiny_models["bpe"])
+    capsys.readouterr()
+    assert main(["status", str(run), "--config", str(path)]) == 0
+    status = capsys.readouterr().out
+    for sub in ("train/pair-spm", "train/pair-pad", "train/fused", "merge"):
+        assert re.search(rf"{sub}\s+done", status), status
     assert main(["-q", "eval", "-c", str(path), "-o", str(run)]) == 0
     res = json.loads((run / "eval" / "results.json").read_text())
     kinds = {n: r["kind"] for n, r in res["models"].items()}
