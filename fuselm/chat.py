@@ -27,9 +27,11 @@ per model. What the models share is the text of the turns. Hence:
 How contents are located: every message content is replaced by a unique marker, the
 template is rendered, and the markers are found (``str.find`` on the raw content would
 hit a role name or an earlier copy). Substituting the contents back must reproduce the
-real rendering exactly; templates that strip the content are accepted (the stripped
-text is located inside the content); anything else is refused with a message naming
-the model, because then its text of the turn differs from the other models'.
+real rendering exactly; templates that strip whitespace around a content (on any role)
+are accepted (the kept text is located inside the content); anything else is refused
+with a message naming the model, because then its text of the turn differs from the
+other models'. Whitespace-stripping templates cost a little coverage: the position that
+predicts a turn's first token may then not align with a model that keeps the space.
 """
 
 from __future__ import annotations
@@ -205,27 +207,41 @@ def render(
             )
         found.append((at, i))
     found.sort()
-    for strip in (False, True):
-        text, spans, pos = [], [], 0
-        for at, i in found:
-            content = messages[i]["content"]
-            piece = content.strip() if strip else content
-            text.append(shape[pos:at])
-            start = sum(map(len, text))
-            text.append(piece)
-            if messages[i]["role"] in ROLES_TRAINED:
-                lead = len(content) - len(content.lstrip()) if strip else 0
-                spans.append((start, start + len(piece), lead, i))
-            pos = at + len(_MARK.format(i))
-        text.append(shape[pos:])
-        if "".join(text) == real:
-            spans.sort(key=lambda s: s[3])
-            return Rendered(
-                real,
-                tuple((a, b, c) for a, b, c, _ in spans),
-                tuple(messages[i]["content"] for *_, i in spans),
-            )
-    raise ChatTemplateError(
+    # Walk the marked rendering and the real one side by side: template text must match
+    # exactly; each content may appear verbatim or with whitespace stripped on either
+    # side (templates differ: `| trim` on some roles only, ...). A candidate is taken
+    # only if the template text that follows it matches too.
+    marks = [(at, at + len(_MARK.format(i)), i) for at, i in found]
+    spans, pos_s, pos_r = [], 0, 0
+    for k, (at, after, i) in enumerate(marks):
+        seg = shape[pos_s:at]
+        if not real.startswith(seg, pos_r):
+            raise _rewrites(name)
+        pos_r += len(seg)
+        nxt = shape[after : marks[k + 1][0] if k + 1 < len(marks) else len(shape)]
+        content = messages[i]["content"]
+        for piece in dict.fromkeys((content, content.strip(), content.rstrip(), content.lstrip())):
+            if real.startswith(piece, pos_r) and real.startswith(nxt, pos_r + len(piece)):
+                break
+        else:
+            raise _rewrites(name)
+        if messages[i]["role"] in ROLES_TRAINED:
+            lead = content.find(piece)  # where the kept text starts inside the content
+            spans.append((pos_r, pos_r + len(piece), lead, i))
+        pos_r += len(piece)
+        pos_s = after
+    if shape[pos_s:] != real[pos_r:]:
+        raise _rewrites(name)
+    spans.sort(key=lambda s: s[3])
+    return Rendered(
+        real,
+        tuple((a, b, c) for a, b, c, _ in spans),
+        tuple(messages[i]["content"] for *_, i in spans),
+    )
+
+
+def _rewrites(name: str) -> ChatTemplateError:
+    return ChatTemplateError(
         f"model '{name}': its chat template changes the text of the turns (beyond stripping "
         "whitespace), so its assistant text cannot be aligned with the other models'. Use a "
         "template that inserts message contents verbatim (`chat_template:` in its config)"

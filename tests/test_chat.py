@@ -130,6 +130,18 @@ def test_render_locates_turns_and_refuses_bad_templates(chat_models):
     padded = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  yes  "}]
     r = chat.render(tok, padded, INST, "inst")  # trimmed by the template: located inside
     assert r.spans == ((r.text.index("yes"), r.text.index("yes") + 3, 2),)
+    mixed = CHATML.replace(
+        "{{ m['content'] }}",
+        "{% if m['role'] == 'assistant' %}{{ m['content'] | trim }}{% else %}"
+        "{{ m['content'] }}{% endif %}",
+    )
+    conv = [{"role": "user", "content": " hi there "}, {"role": "assistant", "content": "\n ok! "}]
+    r = chat.render(tok, conv, mixed, "inst")
+    assert (
+        r.text == "<|im_start|>user\n hi there <|im_end|>\n<|im_start|>assistant\nok!<|im_end|>\n"
+    )
+    ((a, b, lead),) = r.spans
+    assert r.text[a:b] == "ok!" and conv[1]["content"][lead : lead + 3] == "ok!"
     upper = CHATML.replace("{{ m['content'] }}", "{{ m['content'] | upper }}")
     with pytest.raises(chat.ChatTemplateError, match="changes the text"):
         chat.render(tok, CONVS[1], upper, "inst")
