@@ -54,12 +54,11 @@ def _child(root: Path, variant: str) -> None:
     import torch
     from safetensors.torch import load_file
 
+    import fuselm.models  # noqa: F401  (imports are not the merge's memory)
+    import fuselm.progress  # noqa: F401
     from fuselm.config import load_config
     from fuselm.merge.methods import MergeParams, get_merge_method
     from fuselm.merge.stage import run_merge
-
-    import fuselm.models  # noqa: F401  (imports are not the merge's memory)
-    import fuselm.progress  # noqa: F401
 
     kind, n = variant.split("-")
     paths = sorted(root.glob("m*"), key=lambda p: int(p.name[1:]))[: int(n) + 1]
