@@ -57,7 +57,8 @@ def test_pairwise_then_merge_eval_report(tiny_models, tmp_path, capsys):
     captured = {n: _man(run, f"capture/{n}")["finished"] for n in ("tgt", "spm", "pad")}
     aligned = {n: _man(run, f"align/{n}")["finished"] for n in ("tgt", "spm", "pad")}
 
-    assert main(["-q", "train", "-c", str(path), "-o", str(run)]) == 0
+    # `fuselm run`: skips what is done, trains, merges (pairwise mode), evaluates, reports.
+    assert main(["-q", "run", str(path), "-o", str(run)]) == 0
     # N = 2 sources -> 2 pairwise targets, each fused from the pivot and one source.
     for src in ("spm", "pad"):
         man = _man(run, f"train/pair-{src}")
@@ -70,7 +71,6 @@ def test_pairwise_then_merge_eval_report(tiny_models, tmp_path, capsys):
     assert {n: _man(run, f"capture/{n}")["finished"] for n in captured} == captured
     assert {n: _man(run, f"align/{n}")["finished"] for n in aligned} == aligned
 
-    assert main(["-q", "merge", "-c", str(path), "-o", str(run)]) == 0
     merged = _man(run, "merge")
     assert merged["stats"]["models"] == 2 and merged["base"] == str(tiny_models["bpe"])
     capsys.readouterr()
@@ -78,12 +78,10 @@ def test_pairwise_then_merge_eval_report(tiny_models, tmp_path, capsys):
     status = capsys.readouterr().out
     for sub in ("train/pair-spm", "train/pair-pad", "train/fused", "merge"):
         assert re.search(rf"{sub}\s+done", status), status
-    assert main(["-q", "eval", "-c", str(path), "-o", str(run)]) == 0
     res = json.loads((run / "eval" / "results.json").read_text())
     kinds = {n: r["kind"] for n, r in res["models"].items()}
     assert kinds["tgt-pair-spm"] == kinds["tgt-pair-pad"] == "pairwise"
     assert kinds["tgt-merged"] == "merged" and kinds["tgt-fused"] == "fused"
-    assert main(["-q", "report", "-c", str(path), "-o", str(run)]) == 0
     report = (run / "report" / "report.md").read_text()
     assert "## Fuse-then-merge (FuseChat)" in report
     for name in (
@@ -105,3 +103,13 @@ def test_pairwise_needs_sources(tiny_models, tmp_path):
     assert variant_names(cfg) == ["control"]
     with pytest.raises(StageError, match="no sources"):
         base_components(cfg, tmp_path)
+
+
+def test_multi_mode_run_skips_merge(tiny_models, tmp_path, write_config):
+    from fuselm.cli import _merge_wanted
+    from fuselm.config import load_config
+
+    cfg = load_config(None, [f"target.model={tiny_models['bpe']}"])
+    assert not _merge_wanted(cfg)
+    assert _merge_wanted(load_config(None, ["fuse.mode=pairwise"]))
+    assert _merge_wanted(load_config(None, ["merge.models=[a, b]"]))

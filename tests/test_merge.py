@@ -231,3 +231,11 @@ def test_stage_failure_modes(merge_models, write_config, tmp_path):
     run_merge(cfg, tmp_path / "run2")
     got = _weights(tmp_path / "run2" / "merge" / "model")
     assert torch.equal(got["ids"], torch.arange(3)) and torch.equal(got["w"], torch.ones(2))
+
+
+def test_config_names_every_registered_method():
+    from typing import get_args, get_type_hints
+
+    from fuselm.config import MergeConfig
+
+    assert set(get_args(get_type_hints(MergeConfig)["method"])) == set(MERGE_METHODS)
