@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -311,3 +312,49 @@ def test_uncaptured_target_tokenizes_its_own_rendering(chat_models, tmp_path):
         b = out[False][h]
         assert a.input_ids.tolist() == b.input_ids.tolist()
         assert (a.target_mask == b.target_mask).all() and (a.valid == b.valid).all()
+
+
+REAL = os.environ.get("FUSELM_REAL_TOKENIZERS")
+
+
+@pytest.mark.skipif(not REAL, reason="FUSELM_REAL_TOKENIZERS not set (see test_align_real)")
+@pytest.mark.parametrize("source", ["llama_spm", "gpt2", "qwen2", "llama-bpe", "phi-3"])
+def test_real_templates_align_turns_as_well_as_plain_text(source):
+    """SmolLM2 (ChatML) as target; each source with its own template (or INST): the
+    per-turn alignment inside the two renderings matches at least as many positions as
+    aligning each turn's text on its own, and never outside the trained positions."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from fuselm.align import get_align_method, offsets_method, tokenize
+    from fuselm.align.surface import vocab_surface
+
+    root = Path(REAL)
+    if not (root / "smollm2").is_dir() or not (root / source).is_dir():
+        pytest.skip("tokenizer not available")
+    tgt = AutoTokenizer.from_pretrained(root / "smollm2")
+    src = AutoTokenizer.from_pretrained(root / source)
+    msgs = CONVS[0] + [
+        {"role": "user", "content": "Code?"},
+        {
+            "role": "assistant",
+            "content": "def fact(n):\n    return 1 if n <= 1 else n * fact(n - 1)\n"
+            "# Café, naïve — 東京 🙂 12345",
+        },
+    ]
+    sides = []
+    for tok in (src, tgt):
+        r = chat.render(tok, msgs, tok.chat_template or INST, "x")
+        ids, offs = chat.encode(tok, r)
+        surf = vocab_surface(tok)
+        sides.append(chat.Side(ids, offs, r, surf, chat.lead_id(surf)))
+    matched = chat.align_turns(sides[0], sides[1], get_align_method("offsets"))
+    t = sides[1]
+    mask = chat.target_mask(t.ids, t.offsets, t.rendered, tgt.all_special_ids)
+    assert not ((matched[:-1] >= 0) & ~mask).any()
+    baseline = 0
+    for c in t.rendered.contents:
+        m = offsets_method(c, tokenize(src, c, False), tokenize(tgt, c, False))
+        baseline += int((m[:-1] >= 0).sum())
+    assert int((matched >= 0).sum()) >= baseline - 1
