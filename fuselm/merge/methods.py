@@ -18,8 +18,9 @@ Scaling conventions (documented because the literature differs):
   Weights are normalised to sum to 1, so equal weights with ``scale = N`` give the
   classic sum of task vectors and ``scale = 1`` their mean.
 - ``ties`` (Yadav et al. 2023): trim each ``tau_i`` to its ``density`` largest
-  magnitudes (``max(1, floor(density * numel))`` entries per tensor), elect a sign per element as ``sign(sum_i w_i tau_i)`` (mass, not count),
-  then average the trimmed entries that agree with it, weighted by ``w_i``:
+  magnitudes (``max(1, floor(density * numel))`` entries per tensor), elect a sign per
+  element as ``sign(sum_i w_i tau_i)`` (mass, not count), then average the trimmed
+  entries that agree with it, weighted by ``w_i``:
   ``base + scale * sum_i w_i a_i tau_i / sum_i w_i a_i`` with ``a_i`` the agreement mask
   (0 where nobody agrees).
 - ``dare`` (Yu et al. 2024): drop each element of ``tau_i`` with probability
