@@ -48,12 +48,20 @@ STAGES: dict[str, tuple[str | None, str, str]] = {
     "train": (
         "fuselm.train.stage:run_train",
         "continually train the target on λ·CLM + (1−λ)·fusion (and the λ = 1 control); "
-        "train.streaming reads shards as it goes",
+        "train.streaming reads shards as it goes; fuse.mode: pairwise trains one copy of the "
+        "pivot per source (FuseChat)",
+        "",
+    ),
+    "merge": (
+        "fuselm.merge.stage:run_merge",
+        "merge same-architecture models (the pairwise fused targets): linear, task "
+        "arithmetic, TIES, DARE, SLERP, SCE",
         "",
     ),
     "eval": (
         "fuselm.evaluate:run_eval",
-        "bits per byte per domain: sources, target, control, fused target",
+        "bits per byte per domain: sources, target, control, fused target, pairwise targets, "
+        "merged model",
         "",
     ),
     "report": ("fuselm.report:run_report", "write report.md and PNG plots of a run", ""),
@@ -95,10 +103,18 @@ def _run_stages(names: list[str], args: argparse.Namespace) -> int:
                     log.info("%s; stopping here", e)
                     break
                 raise
+            if name == "merge" and len(names) > 1 and not _merge_wanted(cfg):
+                log.info("merge: skipped (fuse.mode is multi and merge.models is empty)")
+                continue
             log.info("%s: starting (run dir %s)", name, run_dir)
             manifest = runner(cfg, run_dir, args.force)
             _print_summary(name, run_dir, manifest)
     return 0
+
+
+def _merge_wanted(cfg: PipelineConfig) -> bool:
+    """Whether `fuselm run` has anything to merge (pairwise targets or explicit models)."""
+    return cfg.fuse.mode != "multi" or bool(cfg.merge.models)
 
 
 def _print_summary(name: str, run_dir: Path, manifest: dict[str, Any]) -> None:
@@ -153,7 +169,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _stage_dirs(run_dir: Path, name: str, cfg: PipelineConfig | None) -> list[str]:
     """Stage folder names; per-source stages have one folder per source."""
     if name == "train":
-        return ["train/fused", "train/control"]
+        from fuselm.train.stage import variant_names
+
+        found = sorted(p.name for p in (run_dir / "train").glob("pair-*") if p.is_dir())
+        wanted = variant_names(cfg) if cfg is not None else ["fused", "control"]
+        return [f"train/{v}" for v in dict.fromkeys(wanted + found)]
     if name not in ("capture", "align"):
         return [name]
     if cfg is not None:
@@ -193,7 +213,13 @@ def _current_components(
             # The CURRENT prepare fingerprint: an edited corpus makes every capture stale.
             prepare_fp = fingerprint(_current_components("prepare", cfg, run_dir, cache))
             digest = tokenizer_digest(load_tokenizer(model))
-            result = capture_components(cfg, model, prepare_fp, digest, dtype)
+            template = None
+            if run_dir is not None:  # chat data: the template is part of the identity
+                from fuselm.capture.stage import run_chat_template
+
+                prep = Stage(run_dir, "prepare").manifest() or {}
+                template = run_chat_template(prep, model, load_tokenizer(model))
+            result = capture_components(cfg, model, prepare_fp, digest, dtype, template)
     elif stage.startswith("align/") and _runner_exists("align"):
         from fuselm.align.stage import current_components
 
@@ -208,6 +234,14 @@ def _current_components(
         from fuselm.train.stage import current_components as train_components
 
         result = train_components(cfg, run_dir, stage.split("/", 1)[1])
+    elif stage == "merge" and run_dir is not None:
+        from fuselm.merge.stage import merge_components, resolve_inputs
+
+        try:
+            models, base = resolve_inputs(cfg, run_dir)
+            result = merge_components(cfg, models, base)
+        except StageError:
+            result = None
     # eval and report are cheap: they are rerun, not checked
     cache[stage] = result
     return result
@@ -266,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Config overrides: append section.field=value, e.g. train.learning_rate=2e-5 "
             "sources.0.dtype=bfloat16 (list items by index or name). "
-            "All fields: configs/reference.yaml."
+            "All fields: configs/reference.yaml. Chat data (FuseChat): jsonl rows with "
+            "`messages`; each model's own chat template is applied and prompts are masked. "
+            "Fuse-then-merge: fuse.mode=pairwise, then `fuselm merge` (merge.method=sce)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

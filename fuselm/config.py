@@ -61,6 +61,11 @@ class CorpusInput:
         "domain", "jsonl/parquet field with a per-document domain (overrides `domain`)."
     )
     max_documents: int = _f(0, "Read at most this many documents from this input (0 = all).")
+    messages_field: str = _f(
+        "messages",
+        "jsonl field holding a conversation ([{role, content}, ...]) for rows without "
+        "`text_field`: each model's own chat template is applied, prompts are masked.",
+    )
 
     def __post_init__(self) -> None:
         if bool(self.path) == bool(self.hf_dataset):
@@ -122,6 +127,11 @@ class ModelConfig:
     max_context: int = _f(0, "Override the context length (0 = from the model config).")
     trust_remote_code: bool = _f(False, "Allow the model's own Python code (off by default).")
     allow_pickle: bool = _f(False, "Allow pickle (.bin) weights; off: safetensors only.")
+    chat_template: str = _f(
+        "",
+        "Chat data: Jinja chat template (text, or a path to a .jinja file) replacing the "
+        "tokenizer's own; needed for tokenizers without one.",
+    )
 
     def __post_init__(self) -> None:
         if self.max_context < 0:
@@ -217,6 +227,12 @@ class FuseConfig:
         "avg_ce softmax temperature in nats per byte: CE differences between sources are "
         "small per byte, so 1.0 would give nearly uniform weights.",
     )
+    mode: Literal["multi", "pairwise", "both"] = _f(
+        "multi",
+        "multi = one fused target from all sources (FuseLLM); pairwise = one fused copy of "
+        "the target (the pivot) per source, trained on the pivot + that source, for "
+        "`fuselm merge` (FuseChat); both = the pairwise targets and the multi-source one.",
+    )
 
     def __post_init__(self) -> None:
         if self.max_k < 0:
@@ -302,6 +318,60 @@ class EvalConfig:
 
 
 @dataclass
+class MergeConfig:
+    """`fuselm merge`: weight merging of same-architecture models (FuseChat's last step)."""
+
+    method: Literal["linear", "task_arithmetic", "ties", "dare", "slerp", "sce"] = _f(
+        "sce", "Merge rule (see fuselm.merge.methods for the exact formulas and scaling)."
+    )
+    models: list[str] = _f(
+        [],
+        "Local model folders to merge; empty = this run's pairwise targets "
+        "(train/pair-*/model, from fuse.mode: pairwise).",
+    )
+    base: str = _f(
+        "",
+        "Local folder of the pivot/base model the task vectors are taken from (task_arithmetic,"
+        " ties, dare, sce); empty = target.model.",
+    )
+    weights: list[float] = _f(
+        [], "Per-model weights for linear/task_arithmetic/ties/dare (empty = equal)."
+    )
+    density: float = _f(
+        1.0,
+        "Share of elements kept: ties trims by magnitude, dare keeps at random, sce selects "
+        "by task-vector variance. 1.0 keeps all.",
+    )
+    scale: float = _f(1.0, "λ multiplying the merged task vector (methods with a base).")
+    slerp_t: float = _f(0.5, "slerp: interpolation point between the two models (0 = first).")
+    seed: int = _f(0, "dare: seed of the random drop (per tensor and model, order-free).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "Saved weights dtype; auto = each tensor's dtype in the base (or first) model."
+    )
+    max_shard_mb: float = _f(2000.0, "Largest output safetensors shard, in MB.")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.density <= 1.0:
+            raise _invalid("density", self.density, "use a share in (0, 1]")
+        if not 0.0 <= self.slerp_t <= 1.0:
+            raise _invalid("slerp_t", self.slerp_t, "use a number in [0, 1]")
+        if self.max_shard_mb <= 0:
+            raise _invalid("max_shard_mb", self.max_shard_mb, "use a positive size in MB")
+        if any(w < 0 for w in self.weights):
+            raise _invalid("weights", self.weights, "use non-negative weights")
+        if self.weights and self.models and len(self.weights) != len(self.models):
+            raise ConfigError(
+                f"weights: {len(self.weights)} weights for {len(self.models)} models; give "
+                "one weight per model (or none for equal weights)"
+            )
+        if self.weights and self.method in ("slerp", "sce"):
+            raise ConfigError(
+                f"weights: not used by {self.method} (slerp uses slerp_t, sce derives its own "
+                "per-matrix weights); remove merge.weights"
+            )
+
+
+@dataclass
 class PipelineConfig:
     """A whole fusion run: one section per stage."""
 
@@ -314,6 +384,7 @@ class PipelineConfig:
     fuse: FuseConfig = _f(None, "Stage 4: fusion of the aligned sources.")
     train: TrainConfig = _f(None, "Stage 5: continual training.")
     eval: EvalConfig = _f(None, "Stage 6: evaluation.")
+    merge: MergeConfig = _f(None, "`fuselm merge`: weight merging (FuseChat fuse-then-merge).")
 
     def __post_init__(self) -> None:
         # Sections default to their own defaults (a dataclass default cannot be mutable).
@@ -339,7 +410,17 @@ class PipelineConfig:
         return own + list(self.sources)
 
 
-SECTIONS = ("corpus", "target", "sources", "capture", "align", "fuse", "train", "eval")
+SECTIONS = (
+    "corpus",
+    "target",
+    "sources",
+    "capture",
+    "align",
+    "fuse",
+    "train",
+    "eval",
+    "merge",
+)
 
 
 # --------------------------------------------------------------------------- loading

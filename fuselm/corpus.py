@@ -49,6 +49,7 @@ BLOCK_COLUMNS = (
     "char_start",
     "hash",
     "text",
+    "messages",
 )
 
 
@@ -180,6 +181,9 @@ def prepare_components(cfg: PipelineConfig, toks: list[_Tok]) -> dict[str, Any]:
     """Everything the prepare output depends on (its fingerprint is the stage identity)."""
     corpus = to_dict(cfg.corpus)
     corpus.pop("blocks_per_shard")  # sharding does not change the blocks
+    for inp in corpus["inputs"]:  # added with chat data: at its default, runs keep their id
+        if inp.get("messages_field") == "messages":
+            inp.pop("messages_field")
     return {
         "format": FORMAT_VERSION,
         "corpus": corpus,
@@ -245,6 +249,7 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
             ("char_start", pa.int64()),
             ("hash", pa.string()),
             ("text", pa.string()),
+            ("messages", pa.string()),  # conversation JSON (chat data), "" for plain text
         ]
     )
 
@@ -262,12 +267,29 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
     _check_no_overlap(c.inputs)
     # Streaming: one document at a time from each input, blocks flushed every
     # blocks_per_shard; what stays in memory grows with the number of *files*, not rows.
+    chat_fit: Any = None  # fuselm.chat_prepare.ChatFit, built at the first conversation
     bar = progress(desc="prepare", unit="doc")
     for i, inp in enumerate(c.inputs):
         for doc in iter_documents(inp, i, c.errors, counters):
             bar.update(1)
             if not doc.text.strip():
                 counters["skipped_empty"] += 1
+                continue
+            if doc.messages is not None:
+                if chat_fit is None:
+                    from fuselm.chat_prepare import ChatFit
+
+                    chat_fit = ChatFit(cfg, [(t.names, t.limit) for t in toks])
+                split = (
+                    "validation"
+                    if is_validation(doc.doc_id, c.seed, c.validation_fraction)
+                    else "train"
+                )
+                row = chat_fit.block(doc, split, counters, per_domain, tokens, max_tokens)
+                if row is not None:
+                    buffers[split].append(row)
+                    if len(buffers[split]) >= c.blocks_per_shard:
+                        flush(split)
                 continue
             budgets = [
                 Budget(_counter(t.tokenizer), t.limit, _ends(t.tokenizer, doc.text)) for t in toks
@@ -303,6 +325,7 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
                         "char_start": s,
                         "hash": text_digest(text),
                         "text": text,
+                        "messages": "",
                     }
                 )
                 counters["blocks"] += 1
@@ -334,6 +357,11 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
                 "skipped_empty",
                 "skipped_binary",
             )
+        },
+        **{
+            k: counters[k]
+            for k in ("conversations", "conversations_truncated", "conversations_skipped")
+            if counters[k]
         },
         "domains": {d: dict(v) for d, v in sorted(per_domain.items())},
         "tokens": tokens,

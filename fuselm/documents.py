@@ -32,6 +32,9 @@ class Document:
     text: str
     domain: str
     origin: str  # file[:line] for messages
+    # A conversation ([{role, content}, ...]) when the row held one (``fuselm.chat``);
+    # ``text`` is then its canonical plain rendering.
+    messages: tuple[dict[str, str], ...] | None = None
 
 
 # --------------------------------------------------------------------------- reading
@@ -175,6 +178,9 @@ def _iter_jsonl(
         origin = f"{path}:{lineno}"
         if not isinstance(row, dict):
             raise CorpusError(f"{origin}: expected a JSON object with a '{inp.text_field}' field")
+        if inp.text_field not in row and inp.messages_field in row:
+            yield _conversation(inp, index, row, rel, lineno, origin, default_domain)
+            continue
         if inp.text_field not in row:
             fields = ", ".join(map(str, row)) or "none"
             raise CorpusError(
@@ -196,6 +202,28 @@ def _parsed_lines(path: Path, errors: str) -> Iterator[tuple[int, Any]]:
             yield lineno, json.loads(line)
         except ValueError as e:
             raise CorpusError(f"{path}:{lineno}: not valid JSON ({e})") from None
+
+
+def _conversation(
+    inp: CorpusInput,
+    index: int,
+    row: dict[str, Any],
+    rel: str,
+    lineno: int,
+    origin: str,
+    default_domain: str,
+) -> Document:
+    """A jsonl row holding a conversation (``messages_field``) as a chat document."""
+    from fuselm.chat import conversation_text, parse_messages
+
+    try:
+        messages = parse_messages(row[inp.messages_field], origin, inp.messages_field)
+    except StageError as e:
+        raise CorpusError(str(e)) from None
+    domain = row.get(inp.domain_field) or default_domain
+    return Document(
+        f"{index}:{rel}:{lineno}", conversation_text(messages), str(domain), origin, messages
+    )
 
 
 def _iter_parquet(

@@ -92,6 +92,7 @@ def score_blocks(
     bos: str = "auto",
     batch_tokens: int = 8192,
     max_context: int | None = None,
+    chat_template: str | None = None,
 ) -> list[BlockScore]:
     """Score blocks with a loaded model through the capture runner (top-1 is enough).
 
@@ -103,6 +104,8 @@ def score_blocks(
         bos: the BOS policy (as in capture).
         batch_tokens: tokens per forward batch.
         max_context: the model's context (longer blocks are an error, never truncated).
+        chat_template: the model's chat template (chat blocks are rendered with it and
+            scored on their assistant text only).
     """
     from fuselm.capture import storage
     from fuselm.capture.runner import Block, Capturer
@@ -115,19 +118,56 @@ def score_blocks(
         batch_tokens=batch_tokens,
         bos=bos,
         max_context=max_context,
+        chat_template=chat_template,
     )
+    from fuselm.chat import loads
+
     out = []
+    render = _renderer(tokenizer, chat_template, name)
     # In chunks: the runner's per-block arrays of one chunk at a time, never the whole split.
     for start in range(0, len(blocks), SCORE_CHUNK):
         chunk = blocks[start : start + SCORE_CHUNK]
-        rows = runner.capture([Block(b["block_id"], b["hash"], b["text"]) for b in chunk])
+        rows = runner.capture(
+            [Block(b["block_id"], b["hash"], b["text"], loads(b.get("messages"))) for b in chunk]
+        )
         for b, row in zip(chunk, rows, strict=True):
             dec = storage.decode_row(row, 1)
-            out.append(_score(b, dec.token_ids, dec.offsets, dec.gold))
+            out.append(_score(b, dec.token_ids, dec.offsets, dec.gold, render))
     return out
 
 
-def _score(block: dict[str, Any], token_ids: np.ndarray, offsets: np.ndarray, gold) -> BlockScore:
+def _renderer(tokenizer: Any, template: str | None, name: str) -> Any:
+    """``messages -> Rendered`` for one model (None without chat data)."""
+    if template is None:
+        return None
+    from fuselm.chat import render
+
+    return lambda messages: render(tokenizer, messages, template, name)
+
+
+def _score(
+    block: dict[str, Any], token_ids: np.ndarray, offsets: np.ndarray, gold, render: Any = None
+) -> BlockScore:
+    """One block's score; a chat block counts its assistant text only.
+
+    For a conversation, the positions that predict assistant tokens (in the model's own
+    rendering) are scored and divided by the UTF-8 bytes of the assistant contents, the
+    same denominator for every model whatever its template.
+    """
+    if block.get("messages"):
+        from fuselm.chat import content_bytes, loads, scored_positions
+
+        if render is None:
+            raise StageError(f"eval: block {block['block_id']} is a conversation; no template")
+        messages = loads(block["messages"])
+        mask = scored_positions(offsets, render(messages))[: len(gold)]
+        return BlockScore(
+            hash=block["hash"],
+            domain=block["domain"],
+            nll=float(-np.asarray(gold, dtype=np.float64)[mask].sum()),
+            tokens=int(mask.sum()),
+            bytes=content_bytes(messages),
+        )
     return BlockScore(
         hash=block["hash"],
         domain=block["domain"],
@@ -138,18 +178,18 @@ def _score(block: dict[str, Any], token_ids: np.ndarray, offsets: np.ndarray, go
 
 
 def capture_scores(
-    run_dir: Path, source: str, blocks: Sequence[dict[str, Any]]
+    run_dir: Path, source: str, blocks: Sequence[dict[str, Any]], render: Any = None
 ) -> list[BlockScore]:
     """A source's scores on ``blocks`` read from its capture (no model run).
 
     Raises:
         StageError: the capture lacks one of the blocks (it was made from other blocks).
     """
-    return _read_capture(run_dir, source, blocks)[0]
+    return _read_capture(run_dir, source, blocks, render)[0]
 
 
 def _read_capture(
-    run_dir: Path, source: str, blocks: Sequence[dict[str, Any]]
+    run_dir: Path, source: str, blocks: Sequence[dict[str, Any]], render: Any = None
 ) -> tuple[list[BlockScore], float]:
     """One pass over a source's capture: its scores, and its share of lossless blocks.
 
@@ -162,7 +202,7 @@ def _read_capture(
     lossy = 0
     for cb in iter_capture(run_dir, source, split="validation"):
         if cb.hash in want and cb.hash not in found:
-            found[cb.hash] = _score(want[cb.hash], cb.token_ids, cb.offsets, cb.gold)
+            found[cb.hash] = _score(want[cb.hash], cb.token_ids, cb.offsets, cb.gold, render)
             lossy += not cb.text_roundtrip
     if lossy:
         # A tokenizer that cannot reproduce the text ([UNK], dropped whitespace, lower-
@@ -269,11 +309,15 @@ def comparison_table(results: dict[str, Any]) -> str:
 
 
 def _validation_blocks(run_dir: Path, max_blocks: int) -> list[dict[str, Any]]:
-    from fuselm.corpus import read_blocks
+    import pyarrow.parquet as pq
 
-    blocks = read_blocks(
-        run_dir, split="validation", columns=["block_id", "hash", "domain", "text"]
-    ).to_pylist()
+    from fuselm.corpus import block_shards, read_blocks
+
+    cols = ["block_id", "hash", "domain", "text"]
+    shards = block_shards(run_dir, "validation")
+    if shards and "messages" in pq.ParquetFile(shards[0]).schema_arrow.names:
+        cols.append("messages")  # chat data
+    blocks = read_blocks(run_dir, split="validation", columns=cols).to_pylist()
     if not blocks:
         raise StageError(
             "eval: the validation split is empty; raise corpus.validation_fraction and rerun "
@@ -283,13 +327,30 @@ def _validation_blocks(run_dir: Path, max_blocks: int) -> list[dict[str, Any]]:
 
 
 def _trained_models(run_dir: Path) -> dict[str, Path]:
-    """Trained variants present in the run (``train/<variant>/model`` with a manifest)."""
+    """Trained and merged models present in the run, by variant name.
+
+    ``train/<variant>/model`` for ``fused``, ``control`` and the pairwise targets
+    ``pair-<source>``, and ``merge/model`` as ``merged``; each only with a manifest.
+    """
     out = {}
-    for variant in ("fused", "control"):
+    pairs = sorted(p.name for p in (Path(run_dir) / "train").glob("pair-*") if p.is_dir())
+    for variant in ("fused", "control", *pairs):
         st = Stage(run_dir, f"train/{variant}")
         if st.manifest() is not None and (st.path / "model" / "config.json").exists():
             out[variant] = st.path / "model"
+    st = Stage(run_dir, "merge")
+    if st.manifest() is not None and (st.path / "model" / "config.json").exists():
+        out["merged"] = st.path / "model"
     return out
+
+
+def _stage_of(variant: str) -> str:
+    return "merge" if variant == "merged" else f"train/{variant}"
+
+
+def _kind(variant: str) -> str:
+    """The results' ``kind`` of a variant: fused, control, pairwise or merged."""
+    return "pairwise" if variant.startswith("pair-") else variant
 
 
 def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
@@ -327,7 +388,7 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
         "format": FORMAT_VERSION,
         "prepare": prep["fingerprint"] if prep else None,
         "captures": captured,
-        "trained": {v: Stage(run_dir, f"train/{v}").manifest()["fingerprint"] for v in trained},
+        "trained": {v: Stage(run_dir, _stage_of(v)).manifest()["fingerprint"] for v in trained},
         "eval": {
             "max_blocks": cfg.eval.max_blocks,
             "unit": cfg.eval.unit,
@@ -353,6 +414,13 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
         log.info("eval: %-20s %.4f bits/byte", name, agg["overall"]["bits_per_byte"])
 
     target_name = cfg.target.resolved_name()
+    chat = bool((prep or {}).get("stats", {}).get("conversations"))
+
+    def template(m: Any) -> str | None:
+        from fuselm.chat import chat_template
+
+        return chat_template(m, load_tokenizer(m)) if chat else None
+
     for m in teachers:
         kind = "target" if m is cfg.target else "source"
         digest = tokenizer_digest(load_tokenizer(m))
@@ -365,11 +433,13 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
                 name=m.resolved_name(),
                 bos=m.bos,
                 max_context=model_context(m),
+                chat_template=template(m),
             )
             del model
             add(m.resolved_name(), kind, scores, digest)
             continue
-        scores, lossless = _read_capture(run_dir, m.resolved_name(), blocks)
+        render = _renderer(load_tokenizer(m), template(m), m.resolved_name())
+        scores, lossless = _read_capture(run_dir, m.resolved_name(), blocks, render)
         add(m.resolved_name(), kind, scores, digest)
         results["models"][m.resolved_name()]["lossless_share"] = lossless
     if not cfg.target.as_source:  # the untouched target was not captured: run it
@@ -381,6 +451,7 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
             name=target_name,
             bos=cfg.target.bos,
             max_context=model_context(cfg.target),
+            chat_template=template(cfg.target),
         )
         add(target_name, "target", scores, target_digest)
         del model
@@ -394,8 +465,9 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
             name=f"{target_name}-{variant}",
             bos=cfg.target.bos,
             max_context=model_context(m),
+            chat_template=template(cfg.target),
         )
-        add(f"{target_name}-{variant}", variant, scores, target_digest)
+        add(f"{target_name}-{variant}", _kind(variant), scores, target_digest)
         del model
     if cfg.eval.lm_eval_tasks:  # downstream tasks (optional extra), target before/after
         from fuselm.lmeval import run_lm_eval

@@ -64,6 +64,65 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def fusechat_table(results: dict[str, Any]) -> list[str]:
+    """Markdown lines comparing pivot, pairwise targets, merged and multi-source fused target.
+
+    Per domain (and overall), bits per byte of every model of the fuse-then-merge
+    workflow side by side, plus computed verdicts for the merged model. Empty when the
+    run has neither pairwise targets nor a merged model.
+    """
+    models = results["models"]
+    rows = [(n, r) for n, r in models.items() if r["kind"] == "target"]
+    rows += sorted((n, r) for n, r in models.items() if r["kind"] == "pairwise")
+    rows += [(n, r) for n, r in models.items() if r["kind"] in ("merged", "fused")]
+    if not any(r["kind"] in ("pairwise", "merged") for _, r in rows):
+        return []
+    domains = sorted({d for _, r in rows for d in r["domains"]}) + ["all"]
+
+    def bpb(r: dict[str, Any], dom: str) -> float | None:
+        m = r["overall"] if dom == "all" else r["domains"].get(dom)
+        return None if m is None else m["bits_per_byte"]
+
+    head = " | ".join(f"{n} ({r['kind']})" for n, r in rows)
+    lines = [
+        "",
+        "## Fuse-then-merge (FuseChat)",
+        "",
+        "Bits per byte of the pivot (the untouched target), each pairwise fused target, "
+        "the merged model and the multi-source fused target.",
+        "",
+        f"| domain | {head} |",
+        "|---|" + "---|" * len(rows),
+    ]
+    for dom in domains:
+        lines.append(f"| {dom} | " + " | ".join(_fmt(bpb(r, dom)) for _, r in rows) + " |")
+    merged = next((r for _, r in rows if r["kind"] == "merged"), None)
+    pivot = next((r for _, r in rows if r["kind"] == "target"), None)
+    pairs = [r for _, r in rows if r["kind"] == "pairwise"]
+    fused = next((r for _, r in rows if r["kind"] == "fused"), None)
+    if merged is not None:
+        m = bpb(merged, "all")
+        facts = []
+        if pivot is not None and m is not None:
+            facts.append(
+                f"{'beat' if m < bpb(pivot, 'all') else 'did not beat'} the pivot "
+                f"({_fmt(m)} vs {_fmt(bpb(pivot, 'all'))})"
+            )
+        best = min((v for r in pairs if (v := bpb(r, "all")) is not None), default=None)
+        if best is not None and m is not None:
+            facts.append(
+                f"{'beat' if m < best else 'did not beat'} the best pairwise target ({_fmt(best)})"
+            )
+        if fused is not None and m is not None:
+            facts.append(
+                f"{'beat' if m < bpb(fused, 'all') else 'did not beat'} the multi-source "
+                f"fused target ({_fmt(bpb(fused, 'all'))})"
+            )
+        if facts:
+            lines += ["", "Overall the merged model " + ", ".join(facts) + "."]
+    return lines
+
+
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
@@ -230,7 +289,11 @@ def run_report(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
     out = Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     _plot_bpb(results, out / "bits_per_byte.png")
-    logs = {v: _read_log(Path(run_dir) / "train" / v / "log.jsonl") for v in ("fused", "control")}
+    pairs = sorted(p.name for p in (Path(run_dir) / "train").glob("pair-*") if p.is_dir())
+    logs = {
+        v: _read_log(Path(run_dir) / "train" / v / "log.jsonl")
+        for v in ("fused", "control", *pairs)
+    }
     has_curves = _plot_curves(logs, out / "training_curves.png")
     shares = _selection_shares(Path(run_dir))
     has_shares = _plot_selection(shares, out / "source_selection.png")
@@ -275,6 +338,7 @@ def run_report(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
             f"bits/byte) and {'beat' if overall['beats_best_source'] else 'did not beat'} the "
             f"best source {overall['best_source']} ({_fmt(overall['best_source_bpb'])})."
         )
+    lines += fusechat_table(results)
     lines += alignment_table(Path(run_dir))
     if has_curves:
         lines += ["", "## Training curves", "", "![training curves](training_curves.png)"]

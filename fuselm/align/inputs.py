@@ -44,6 +44,8 @@ class _PrepareBlocks:
 
         if stem != self._stem:
             cols = ["block_id", "hash", "domain", "split", "text"]
+            if "messages" in pq.ParquetFile(self.files[stem]).schema_arrow.names:
+                cols.append("messages")  # chat data (fuselm.chat)
             rows: dict[str, list[dict[str, Any]]] = {}
             for r in pq.read_table(self.files[stem], columns=cols).to_pylist():
                 rows.setdefault(r["hash"], []).append(r)

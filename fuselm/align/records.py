@@ -41,6 +41,9 @@ class AlignedBlock:
         nll_bytes: UTF-8 bytes of text those positions predict; ``nll_sum / nll_bytes`` is
             the source's per-byte cross-entropy on the block (sequence-level MinCE uses it,
             so sources are compared on the same text whatever their alignment coverage).
+        target_mask: ``(P,)`` bool, chat blocks only: positions that are trained at all
+            (their next token is assistant text or the end of an assistant turn); prompt
+            positions are masked out of both loss terms. None = every position.
     """
 
     hash: str
@@ -55,6 +58,7 @@ class AlignedBlock:
     next_bytes: np.ndarray
     nll_sum: float
     nll_bytes: int
+    target_mask: np.ndarray | None = None
 
     @property
     def n_positions(self) -> int:

@@ -60,6 +60,7 @@ from fuselm.align.blocks import (
     align_block,
     identity_map,
 )
+from fuselm.align.chat_blocks import chat_block, chat_sides_for
 from fuselm.align.inputs import _checked_capture, _PrepareBlocks, _TargetSide
 from fuselm.align.offsets import (
     offsets_cover_text,
@@ -315,6 +316,7 @@ def align_source(
 
     from fuselm.progress import progress
 
+    chat_sides = chat_sides_for(cfg, m, prep, tokenizer, src_surface, target)
     cap_stage = Stage(run_dir, f"capture/{name}")
     total = sum(pq.ParquetFile(cap_stage.shard_path(s)).metadata.num_rows for s in mine)
     who = f" [rank {rank}/{world}]" if world > 1 else ""
@@ -331,6 +333,7 @@ def align_source(
             src_surface=src_surface,
             vmap=vmap,
             method_used=method_used,
+            chat_sides=chat_sides,
         )
         table = store.to_table(
             rows,
@@ -459,8 +462,16 @@ def _align_shard(
     src_surface: VocabSurface,
     vmap: VocabMap,
     method_used: str,
+    chat_sides: tuple[Any, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], _Totals, int]:
-    """Align the blocks of one capture shard; return the encoded rows, totals and k."""
+    """Align the blocks of one capture shard; return the encoded rows, totals and k.
+
+    Chat blocks (a prepare row with ``messages``) go through
+    ``chat_blocks.chat_block`` with ``chat_sides`` (source, target).
+    """
+    from fuselm.align import get_align_method
+
+    method = None if method_used == IDENTITY else get_align_method(method_used)
     k = int(cap_storage.shard_metadata(path)["k"])
     src_blocks = list(cap_storage.iter_shard(path))
     metas = []
@@ -481,6 +492,11 @@ def _align_shard(
     for b, meta in zip(src_blocks, metas, strict=True):
         text, tb = meta["text"], tgt_blocks[b.hash]
         tgt = Tokens(tb.token_ids, tb.offsets, tb.text_roundtrip)
+        if meta.get("messages"):
+            rec, diag = chat_block(b, tgt, meta, name, target.captured, chat_sides, vmap, method)
+            totals.add(rec, diag)
+            rows.append(store.encode_aligned(rec))
+            continue
         rec, diag, bad = align_one(
             text,
             b,

@@ -57,6 +57,7 @@ COLUMNS = (
     "next_bytes",
     "nll_sum",
     "nll_bytes",
+    "target_mask",
 )
 
 
@@ -121,6 +122,10 @@ def encode_aligned(block: AlignedBlock) -> dict[str, Any]:
         "next_bytes": pack_ints(nb),
         "nll_sum": float(block.nll_sum),
         "nll_bytes": int(block.nll_bytes),
+        # Chat blocks: which positions are trained at all (bitmap); empty = all of them.
+        "target_mask": b""
+        if block.target_mask is None
+        else np.packbits(np.asarray(block.target_mask, bool).reshape(-1)).tobytes(),
     }
 
 
@@ -142,6 +147,12 @@ def decode_aligned_row(row: dict[str, Any], k: int) -> AlignedBlock:
     gold[valid] = cap.dequantize(unpack_ints(row["gold_logprob"], v))
     nb = np.zeros(p, np.int32)
     nb[valid] = unpack_ints(row["next_bytes"], v)
+    mask_bits = row.get("target_mask") or b""  # absent in shards of plain text
+    mask = (
+        np.unpackbits(np.frombuffer(mask_bits, np.uint8), count=p).astype(bool)
+        if mask_bits
+        else None
+    )
     return AlignedBlock(
         hash=row["hash"],
         block_id=row["block_id"],
@@ -155,6 +166,7 @@ def decode_aligned_row(row: dict[str, Any], k: int) -> AlignedBlock:
         next_bytes=nb,
         nll_sum=float(row["nll_sum"]),
         nll_bytes=int(row["nll_bytes"]),
+        target_mask=mask,
     )
 
 
@@ -182,6 +194,7 @@ def schema(k: int, extra_metadata: dict[str, Any] | None = None):
             ("next_bytes", pa.binary()),
             ("nll_sum", pa.float64()),
             ("nll_bytes", pa.int64()),
+            ("target_mask", pa.binary()),
         ],
         metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()},
     )

@@ -38,11 +38,12 @@ def bos_added(tokenizer: Any, policy: str) -> bool:
 
 @dataclass
 class Block:
-    """One prepared block: its id, content hash and text."""
+    """One prepared block: its id, content hash and text (and its conversation, if chat)."""
 
     block_id: str
     hash: str
     text: str
+    messages: tuple[dict[str, str], ...] | None = None
 
 
 class Capturer:
@@ -63,6 +64,7 @@ class Capturer:
         bos: str = "auto",
         max_context: int | None = None,
         fused_head: bool | None = None,
+        chat_template: str | None = None,
     ) -> None:
         """Bind a loaded model and fast tokenizer.
 
@@ -80,10 +82,13 @@ class Capturer:
                 no batch of full-vocabulary logits exists (``_split_output_head``).
                 Default: on accelerators, where it bounds memory; off on CPUs, where
                 it is not faster (each chunk re-reads the output layer's weights).
+            chat_template: the template chat blocks are rendered with (``fuselm.chat``);
+                None: a chat block is an error naming the fix.
         """
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
+        self.chat_template = chat_template
         self.top_k = int(top_k)
         self.batch_tokens = int(batch_tokens)
         self.bos = bos
@@ -158,6 +163,38 @@ class Capturer:
             out.append((ids, offs))
         return out
 
+    def encode_blocks(self, blocks: Sequence[Block]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``encode`` for plain blocks; chat blocks in the model's own chat template.
+
+        Chat blocks are tokenized from ``fuselm.chat.render(...).text`` without added
+        special tokens; their offsets index that rendered text.
+        """
+        from fuselm import chat
+
+        out = list(self.encode([b.text for b in blocks if b.messages is None]))
+        if len(out) == len(blocks):
+            return out
+        plain = iter(out)
+        result = []
+        for b in blocks:
+            if b.messages is None:
+                result.append(next(plain))
+                continue
+            result.append(chat.encode(self.tokenizer, self.render(b)))
+        return result
+
+    def render(self, b: Block) -> Any:
+        """The chat rendering of a chat block (``fuselm.chat.Rendered``)."""
+        from fuselm import chat
+
+        if self.chat_template is None:
+            raise chat.ChatTemplateError(
+                f"capture: source '{self.name}': block {b.block_id} is a conversation but no "
+                "chat template was given to the runner (set `chat_template:` for this model)"
+            )
+        assert b.messages is not None
+        return chat.render(self.tokenizer, b.messages, self.chat_template, self.name)
+
     # ---- batching
     def batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
         """Group block indices into batches of at most ``batch_tokens`` padded tokens.
@@ -194,7 +231,7 @@ class Capturer:
 
         from fuselm.capture.compute import NonFiniteLogitsError, topk_logprobs
 
-        encoded = self.encode([b.text for b in blocks])
+        encoded = self.encode_blocks(blocks)
         lengths = [len(ids) for ids, _ in encoded]
         for b, (ids, _) in zip(blocks, encoded, strict=True):
             self._check(b, ids)
@@ -269,7 +306,7 @@ class Capturer:
                     logprobs=lps,
                     gold=gold,
                     tail_logmass=tail,
-                    text_roundtrip=self._roundtrip(b.text, ids),
+                    text_roundtrip=self._roundtrip(b, ids),
                 )
             )
         return rows
@@ -290,13 +327,15 @@ class Capturer:
                 "does not belong to this model (check `tokenizer:`)"
             )
 
-    def _roundtrip(self, text: str, ids: np.ndarray) -> bool:
+    def _roundtrip(self, b: Block, ids: np.ndarray) -> bool:
         # Normalising tokenizers (lower-casing, NFKC, dropped whitespace) do not give the
         # text back, and then their offsets may not index it character for character.
+        # A chat block's text is its rendering, template specials included.
+        chat = b.messages is not None
         out = self.tokenizer.decode(
-            ids.tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False
+            ids.tolist(), skip_special_tokens=not chat, clean_up_tokenization_spaces=False
         )
-        return out == text
+        return out == (self.render(b).text if chat else b.text)
 
 
 def _split_output_head(model: Any, tokenizer: Any, max_context: int | None) -> tuple | None:

@@ -33,6 +33,7 @@ from fuselm.artifacts import (
     Stage,
     StageError,
     fingerprint,
+    text_digest,
     tokenizer_digest,
     write_parquet_atomic,
 )
@@ -129,13 +130,24 @@ def read_plan_blocks(plan: ShardPlan) -> list[Block]:
     """The blocks of one planned shard, in prepare order."""
     import pyarrow.parquet as pq
 
-    t = pq.read_table(plan.prepare_file, columns=["block_id", "hash", "text"])
+    from fuselm.chat import loads
+
+    names = pq.ParquetFile(plan.prepare_file).schema_arrow.names
+    cols = ["block_id", "hash", "text"] + (["messages"] if "messages" in names else [])
+    t = pq.read_table(plan.prepare_file, columns=cols)
     t = t.slice(plan.start, plan.stop - plan.start)
-    return [Block(r["block_id"], r["hash"], r["text"]) for r in t.to_pylist()]
+    return [
+        Block(r["block_id"], r["hash"], r["text"], loads(r.get("messages"))) for r in t.to_pylist()
+    ]
 
 
 def capture_components(
-    cfg: PipelineConfig, m: ModelConfig, prepare_fp: str, tok_digest: str, dtype: str
+    cfg: PipelineConfig,
+    m: ModelConfig,
+    prepare_fp: str,
+    tok_digest: str,
+    dtype: str,
+    chat_template: str | None = None,
 ) -> dict[str, Any]:
     """Everything a source's capture depends on (its fingerprint is the stage identity).
 
@@ -145,7 +157,7 @@ def capture_components(
     """
     from fuselm.models import model_identity
 
-    return {
+    out = {
         "format": storage.FORMAT_VERSION,
         "prepare": prepare_fp,
         "model": model_identity(m),
@@ -158,6 +170,9 @@ def capture_components(
         "bos": m.bos,
         "dtype": dtype,
     }
+    if chat_template is not None:  # chat data: the rendering is part of the input
+        out["chat_template"] = text_digest(chat_template)
+    return out
 
 
 def run_capture(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict[str, Any]:
@@ -224,8 +239,9 @@ def capture_source(
     device = resolve_device(m.device, ranks.local_rank if ranks.world > 1 else None)
     dtype = resolve_dtype(m.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
+    template = run_chat_template(prep, m, tokenizer)
     components = capture_components(
-        cfg, m, prep["fingerprint"], tokenizer_digest(tokenizer), dtype_name
+        cfg, m, prep["fingerprint"], tokenizer_digest(tokenizer), dtype_name, template
     )
     plans = plan_shards(run_dir, cfg.capture.blocks_per_shard)
     names = [p.name for p in plans]
@@ -268,6 +284,7 @@ def capture_source(
             batch_tokens=cfg.capture.batch_tokens,
             bos=m.bos,
             max_context=model_context(m),
+            chat_template=template,
         )
         _capture_shards(capturer, stage, mine, ranks)
     del model, capturer
@@ -278,6 +295,20 @@ def capture_source(
         return _wait_for_manifest(stage, components)
     _wait_for_shards(stage, names)
     return _finish(stage, cfg, m, tokenizer, names, converted, dtype_name)
+
+
+def run_chat_template(prep: dict[str, Any], m: ModelConfig, tokenizer: Any) -> str | None:
+    """The model's chat template when the prepared corpus holds conversations, else None.
+
+    Raises:
+        ChatTemplateError: conversations, but the model has no template (before any
+            weights load).
+    """
+    from fuselm.chat import chat_template
+
+    if not prep.get("stats", {}).get("conversations"):
+        return None
+    return chat_template(m, tokenizer)
 
 
 def _capture_shards(capturer: Capturer, stage: Stage, mine: list[ShardPlan], ranks: _Ranks) -> None:

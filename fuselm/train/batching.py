@@ -149,14 +149,21 @@ def collate(
     batch, length = len(rows), max(len(e) for e in rows)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
     labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+    clm_tokens = 0
     for r, e in enumerate(rows):
         ids = torch.from_numpy(np.asarray(e.input_ids, dtype=np.int64))
         input_ids[r, : len(e)] = ids
         labels[r, : len(e)] = ids
+        if e.target_mask is not None:  # chat: position t trains only if mask[t]
+            keep = torch.from_numpy(np.asarray(e.target_mask, dtype=bool))
+            labels[r, 1 : len(e)][~keep] = IGNORE_INDEX
+            clm_tokens += int(keep.sum())
+        else:
+            clm_tokens += max(len(e) - 1, 0)
     out = {
         "input_ids": input_ids,
         "labels": labels,
-        "clm_tokens": torch.tensor(sum(len(e) - 1 for e in rows if len(e) > 1)),
+        "clm_tokens": torch.tensor(clm_tokens),
     }
     if not with_teacher:
         out["fusion_tokens"] = torch.tensor(0)

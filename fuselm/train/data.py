@@ -51,6 +51,9 @@ class TrainExample:
             the positions ``0..L-2`` (position t predicts token t+1), -1 padded; rows of
             only -1 are masked out of the fusion loss. None for a CLM-only row.
         teacher_logprobs: ``(L - 1, K)`` float32 their log-probabilities, -inf on padding.
+        target_mask: ``(L - 1,)`` bool, chat rows only: positions trained at all (the
+            token they predict is assistant text); the rest is masked out of the CLM
+            term (labels -100) and carries no teacher. None = every position.
     """
 
     hash: str
@@ -59,6 +62,7 @@ class TrainExample:
     input_ids: np.ndarray
     teacher_ids: np.ndarray | None = None
     teacher_logprobs: np.ndarray | None = None
+    target_mask: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -396,10 +400,18 @@ def build_examples(
             ]
             fusion.no_teacher += fb.no_teacher
             fusion.max_width = max(fusion.max_width, fb.width)
+        mask = None if ref.target_mask is None else np.asarray(ref.target_mask, bool)
+        if mask is not None and t_ids is not None:
+            # Chat: prompt positions get no teacher (nor the one-hot fallback).
+            t_ids, t_lp = t_ids.copy(), t_lp.copy()
+            t_ids[~mask] = -1
+            t_lp[~mask] = -np.inf
         rows = split_rows(input_ids, t_ids, t_lp, seq_len)
         split += len(rows) > 1
         tokens += int(input_ids.shape[0])
+        stride = max(seq_len - 1, 1)
         for part, (ids, ti, tl) in enumerate(rows):
-            examples.append(TrainExample(h, ref.block_id, part, ids, ti, tl))
+            m = None if mask is None else mask[part * stride : part * stride + len(ids) - 1]
+            examples.append(TrainExample(h, ref.block_id, part, ids, ti, tl, m))
     blocks_used = sum(1 for _, b in joined if b[0].n_positions > 0)
     return TrainData(examples, fusion, blocks_used, split, tokens)

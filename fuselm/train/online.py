@@ -79,6 +79,7 @@ class OnlineTeachers:
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        _refuse_chat(self.run_dir)
         # The capture stage's shard plan: the same shard names (and so the same streaming
         # order) as offline training from the align shards.
         plans = plan_shards(self.run_dir, cfg.capture.blocks_per_shard)
@@ -232,3 +233,21 @@ def online_components(cfg: PipelineConfig, prepare_fp: str) -> dict[str, Any]:
         "capture": {"top_k": cfg.capture.top_k, "step": storage.STEP},
         "align": {"method": cfg.align.method, "vocab": cfg.align.vocab},
     }
+
+
+def _refuse_chat(run_dir: Path) -> None:
+    """Online teachers see plain text only: chat blocks would be scored on the wrong text.
+
+    Offline capture renders each conversation with each model's own chat template and
+    masks the prompt; the online path does not do that yet, so it refuses chat corpora
+    rather than train on unmasked, untemplated conversations.
+    """
+    from fuselm.artifacts import Stage
+
+    stats = (Stage(run_dir, "prepare").manifest() or {}).get("stats", {})
+    if stats.get("conversations"):
+        raise StageError(
+            f"capture.mode: online does not support chat data yet (the prepared corpus in "
+            f"{run_dir / 'prepare'} holds {stats['conversations']} conversations); set "
+            "capture.mode: offline"
+        )

@@ -38,6 +38,7 @@ log = logging.getLogger("fuselm.train")
 
 FORMAT_VERSION = 1
 VARIANTS = ("fused", "control")
+PAIR_PREFIX = "pair-"  # pairwise targets (fuse.mode: pairwise): train/pair-<source>
 # Train settings that only shape the fusion term: the control's identity leaves them out,
 # so that changing them does not make the control stale.
 _FUSION_ONLY = ("clm_weight", "fusion_loss", "temperature", "tail_bucket")
@@ -54,7 +55,7 @@ def run_train(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict[s
     run_dir = Path(run_dir)
     teachers = [m.resolved_name() for m in cfg.teachers()]
     base = base_components(cfg, run_dir)
-    variants = ["fused"] + (["control"] if cfg.eval.control else [])
+    variants = variant_names(cfg)
     state = PartialState(cpu=cpu_only())  # joins the process group of torchrun / accelerate
     data: dict[str, Any] = {}
     manifests: dict[str, dict[str, Any]] = {}
@@ -75,15 +76,52 @@ def run_train(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict[s
             manifests[variant] = stage.manifest() or {}
             continue
         if not data:
-            data = _load_data(cfg, run_dir, teachers)
+            data = _load_data(cfg, run_dir, teachers, variants)
         manifests[variant] = train_variant(
-            cfg, run_dir, variant, stage, components, data[variant], teachers, state
+            cfg,
+            run_dir,
+            variant,
+            stage,
+            components,
+            data[variant],
+            variant_teachers(cfg, variant),
+            state,
         )
     return {
         "stage": "train",
         "stats": {v: man.get("stats", {}) for v, man in manifests.items()},
         "variants": manifests,
     }
+
+
+def variant_names(cfg: PipelineConfig) -> list[str]:
+    """The variants ``fuselm train`` trains under this config, in order.
+
+    ``fuse.mode``: ``multi`` = ``fused`` (all teachers at once, FuseLLM); ``pairwise`` = one
+    ``pair-<source>`` per source (the pivot target + that source, FuseChat), to be merged
+    by ``fuselm merge``; ``both`` = all of them. ``control`` when ``eval.control``.
+    """
+    out = []
+    if cfg.fuse.mode in ("multi", "both"):
+        out.append("fused")
+    if cfg.fuse.mode in ("pairwise", "both"):
+        out += [f"{PAIR_PREFIX}{m.resolved_name()}" for m in cfg.sources]
+    return out + (["control"] if cfg.eval.control else [])
+
+
+def variant_teachers(cfg: PipelineConfig, variant: str) -> list[str]:
+    """The teachers a variant fuses: all for ``fused``, pivot + one source for a pair."""
+    names = [m.resolved_name() for m in cfg.teachers()]
+    if not variant.startswith(PAIR_PREFIX):
+        return names
+    source = variant[len(PAIR_PREFIX) :]
+    if source not in [m.resolved_name() for m in cfg.sources]:
+        raise StageError(
+            f"train: variant {variant} names no configured source '{source}' "
+            f"(sources: {', '.join(m.resolved_name() for m in cfg.sources) or 'none'})"
+        )
+    own = [cfg.target.resolved_name()] if cfg.target.as_source else []
+    return own + [source]
 
 
 def base_components(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
@@ -102,6 +140,11 @@ def base_components(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
         raise StageError(
             "train: no teachers: set sources (and/or target.as_source); fusion needs at least "
             "one aligned source"
+        )
+    if cfg.fuse.mode != "multi" and not cfg.sources:
+        raise StageError(
+            f"train: fuse.mode: {cfg.fuse.mode} trains one copy of the target per source, "
+            "but no sources are configured; add sources or use fuse.mode: multi"
         )
     if cfg.fuse.ce_unit != "byte":
         raise StageError(
@@ -154,13 +197,19 @@ def variant_components(cfg: PipelineConfig, variant: str, base: dict[str, Any]) 
     if variant == "control":
         train = {k: v for k, v in train.items() if k not in _FUSION_ONLY}
         return {**base, "variant": variant, "train": train, "clm_weight": 1.0}
+    teachers = variant_teachers(cfg, variant)
+    fuse = {k: v for k, v in to_dict(cfg.fuse).items() if k != "mode"}  # mode: which variants
+    # A pair depends on its own teachers' alignments only: re-aligning another source
+    # leaves it up to date.
+    align = {n: fp for n, fp in base["align"].items() if n in teachers}
     return {
         **base,
+        "align": align,
         "variant": variant,
         "train": train,
-        "fuse": to_dict(cfg.fuse),
+        "fuse": fuse,
         "fallback": cfg.align.fallback,
-        "teachers": [m.resolved_name() for m in cfg.teachers()],
+        "teachers": teachers,
     }
 
 
@@ -185,7 +234,7 @@ def train_variant(
         model_context,
     )
 
-    lam = cfg.train.clm_weight if variant == "fused" else 1.0
+    lam = 1.0 if variant == "control" else cfg.train.clm_weight
     settings = TrainSettings.from_config(cfg.train, lam=lam)
     tokenizer, _ = ensure_fast_tokenizer(cfg.target, load_tokenizer(cfg.target))
     context = model_context(cfg.target)
@@ -369,25 +418,30 @@ def _fusion_spec(cfg: PipelineConfig) -> FusionSpec:
 
 
 def _stream_data(
-    cfg: PipelineConfig, run_dir: Path, teachers: list[str]
+    cfg: PipelineConfig, run_dir: Path, teachers: list[str], variants: list[str]
 ) -> dict[str, StreamingExamples]:
-    """Streaming sources of rows for both variants (offline shards or online teachers)."""
+    """Streaming sources of rows for every variant (offline shards or online teachers).
+
+    One reader serves all variants; a pairwise variant fuses only its own teachers' blocks.
+    """
     try:
         if cfg.capture.mode == "online":
             reader: Any = OnlineTeachers(cfg, run_dir, "train")
         else:
             reader = AlignedShards(run_dir, teachers, "train", cache=2 * cfg.train.shuffle_shards)
         out = {
-            "fused": StreamingExamples(
-                reader, teachers, _fusion_spec(cfg), cfg.train.seq_len, cfg.train.shuffle_shards
-            ),
-            "control": StreamingExamples(
-                reader, teachers, None, cfg.train.seq_len, cfg.train.shuffle_shards
-            ),
+            variant: StreamingExamples(
+                reader,
+                teachers if variant == "control" else variant_teachers(cfg, variant),
+                None if variant == "control" else _fusion_spec(cfg),
+                cfg.train.seq_len,
+                cfg.train.shuffle_shards,
+            )
+            for variant in variants
         }
     except TrainDataError as e:
         raise StageError(f"train: {e}") from None
-    if not len(out["fused"]):
+    if not len(next(iter(out.values()))):
         raise StageError("train: the training split has no block with two or more tokens")
     return out
 
@@ -405,29 +459,43 @@ def _gathered_fusion(state: Any, data: StreamingExamples, teachers: list[str]) -
     return merge_fusion_stats(parts, teachers)
 
 
-def _load_data(cfg: PipelineConfig, run_dir: Path, teachers: list[str]) -> dict[str, Any]:
-    """Join, fuse and cut the training split (fused rows, and the control's bare rows)."""
+def _load_data(
+    cfg: PipelineConfig, run_dir: Path, teachers: list[str], variants: list[str]
+) -> dict[str, Any]:
+    """Join, fuse and cut the training split: rows for every variant.
+
+    Every alignment is read once; a pairwise variant fuses the pivot's and one source's
+    records out of the same join (no capture or alignment is redone per pair).
+    """
     from fuselm.align.store import load_aligned
 
     if cfg.train.streaming or cfg.capture.mode == "online":
-        return _stream_data(cfg, run_dir, teachers)
+        return _stream_data(cfg, run_dir, teachers, variants)
     sources = {n: load_aligned(run_dir, n, "train") for n in teachers}
     try:
         joined = join_sources(sources, split="train")
         spec = _fusion_spec(cfg)
-        fused = build_examples(joined, teachers, spec, cfg.train.seq_len)
-        control = build_examples(joined, teachers, None, cfg.train.seq_len)
+        out: dict[str, Any] = {}
+        for variant in variants:
+            if variant == "control":
+                out[variant] = build_examples(joined, teachers, None, cfg.train.seq_len)
+                continue
+            mine = variant_teachers(cfg, variant)
+            pick = [teachers.index(n) for n in mine]
+            sub = [(h, [blocks[i] for i in pick]) for h, blocks in joined]
+            out[variant] = build_examples(sub, mine, spec, cfg.train.seq_len)
     except TrainDataError as e:
         raise StageError(f"train: {e}") from None
-    if not fused.examples:
+    first = next(iter(out.values()))
+    if not first.examples:
         raise StageError("train: the training split has no block with two or more tokens")
-    if fused.split_blocks:
+    if first.split_blocks:
         log.info(
             "train: %d blocks longer than train.seq_len=%d were split into overlapping rows",
-            fused.split_blocks,
+            first.split_blocks,
             cfg.train.seq_len,
         )
-    return {"fused": fused, "control": control}
+    return out
 
 
 def _checkpoint_dtype(config: Any) -> Any:
@@ -456,7 +524,7 @@ def model_card(
         f"- base model: `{cfg.target.model}`"
         + (f" @ {cfg.target.revision}" if cfg.target.revision else ""),
     ]
-    if variant == "fused":
+    if variant != "control":
         lines += [
             f"- sources: {', '.join(f'`{n}`' for n in teachers)}"
             + (" (the target is source #0)" if cfg.target.as_source else ""),
