@@ -300,12 +300,10 @@ def align_source(
             "from cache" if cached else f"built in {vmap_s:.1f} s",
             vmap.counts(),
         )
-    import pyarrow.parquet as pq
-
     from fuselm.progress import progress
 
     cap_stage = Stage(run_dir, f"capture/{name}")
-    total = sum(pq.ParquetFile(cap_stage.shard_path(s)).metadata.num_rows for s in todo)
+    total = sum(_capture_rows(cap_stage.shard_path(s)) for s in todo)
     bar = progress(total=total, desc=f"align {name}", unit="block")
     started = time.perf_counter()
     done_pos = 0
@@ -359,6 +357,20 @@ def align_source(
         seconds=seconds,
         positions_done=done_pos,
     )
+
+
+def _capture_rows(path: Path) -> int:
+    """Rows of a capture shard, or a StageError naming it when it is not readable Parquet."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception as e:  # ArrowInvalid / OSError: damaged after the capture finished
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StageError(
+            f"align: capture shard {path} is unreadable ({first}); delete it and rerun "
+            "`fuselm capture` (only the missing shard is captured again), then `fuselm align`"
+        ) from None
 
 
 def _align_shard(
