@@ -463,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.quiet:
         os.environ["FUSELM_QUIET"] = "1"  # progress bars off too
+        # and transformers' own (loading/saving weights); read when it is first imported
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.func(args)
     except NotImplementedStage as e:

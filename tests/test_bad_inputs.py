@@ -409,7 +409,7 @@ def _(c: Ctx):
 
 @case("checkpoint-other-run")
 def _(c: Ctx):
-    from fuselm.train.trainer import STOP_ENV
+    from fuselm.train.trainer import STOP_ENV, TrainingInterrupted
 
     cfg = _captured(c, "spm", target_as_source=True)
     assert main(["-q", *c.stage("align", cfg)]) == 0
@@ -419,7 +419,8 @@ def _(c: Ctx):
     try:
         for run, lr in ((other, 2e-5), (c.run, 1e-5)):
             argv = ["-q", "train", "-c", str(c.write(cfg)), "-o", str(run)]
-            assert main([*argv, f"train.learning_rate={lr}", "eval.control=false"]) == 1
+            with pytest.raises(TrainingInterrupted):
+                main([*argv, f"train.learning_rate={lr}", "eval.control=false"])
     finally:
         del os.environ[STOP_ENV]
     ckpts = c.run / "train" / "fused" / "checkpoints"

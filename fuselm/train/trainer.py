@@ -70,8 +70,12 @@ MODEL_DIR = "model"
 STOP_ENV = "FUSELM_TRAIN_STOP_AFTER"  # test hook: stop (as if killed) after N steps
 
 
-class TrainingInterrupted(RuntimeError):
-    """Raised by the ``stop_after`` hook: the run stops as if killed after that step."""
+class TrainingInterrupted(BaseException):
+    """Raised by the ``stop_after`` hook: the run stops as if killed after that step.
+
+    A BaseException, like KeyboardInterrupt: it stands for the process dying, so no error
+    handler (the CLI's one-line error reporting included) turns it into an ordinary error.
+    """
 
 
 # --------------------------------------------------------------------------- the loop
