@@ -88,7 +88,11 @@ def test_disk_full_during_a_shard_write(base_config, write_config, tmp_path, mon
     """A patched writer raises ENOSPC half-way through the third capture shard."""
     import pyarrow.parquet as pq
 
-    cfg = _small(base_config, write_config)
+    small = dict(base_config, sources=base_config["sources"][:1])  # the spm source only
+    small["target"] = dict(small["target"], as_source=False)
+    small["corpus"] = dict(small["corpus"], inputs=small["corpus"]["inputs"][1:])  # jsonl
+    small["capture"] = {"blocks_per_shard": 3}
+    cfg = write_config(small)
     run_dir = tmp_path / "run"
     assert main(["-q", "prepare", "-c", str(cfg), "-o", str(run_dir)]) == 0
     clean = tmp_path / "clean"  # the same capture, never interrupted
