@@ -21,6 +21,7 @@ so that a mismatch can be reported field by field.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -30,12 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fuselm import __version__
+from fuselm import __version__, faults
 
 MANIFEST = "manifest.json"
 PENDING = "_pending.json"
 RUN_MARKER = "fuselm-run.json"
 LOCK = ".lock"
+TMP_MARK = ".tmp-"  # temporaries are ".<final name>.tmp-<pid>"
 
 
 class StageError(RuntimeError):
@@ -99,15 +101,62 @@ def _atomic_target(path: Path) -> Iterator[Path]:
     files of one stage; a failed write leaves neither a temporary nor a partial file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        faults.point(f"tmp {path}")
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself survives a power cut, not only a kill
+        faults.point(f"done {path}")
+    except OSError as e:
+        # Disk full, quota, read-only or permission: say which file, and that nothing
+        # partial was kept (the temporary is removed below), so a rerun resumes cleanly.
+        why = e.strerror or str(e) or type(e).__name__
+        hint = (
+            "free some space (or use a --run-dir on a larger disk)"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
+            else "fix the cause"
+        )
+        raise StageError(
+            f"cannot write {path}: {why}. Nothing partial was kept; {hint} and rerun the same "
+            "command: finished shards are kept and the stage resumes"
+        ) from e
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_stale_temporaries(folder: Path, recursive: bool = False) -> list[Path]:
+    """Delete temporaries (``.<name>.tmp-<pid>``) left in ``folder`` by dead processes.
+
+    A process killed between writing a temporary and renaming it leaves the temporary
+    behind; it is never a final file, so deleting it loses nothing. Temporaries of live
+    processes (other ranks of a multi-process capture) are kept.
+    """
+    removed: list[Path] = []
+    if not Path(folder).is_dir():
+        return removed
+    for p in Path(folder).rglob(f"*{TMP_MARK}*") if recursive else Path(folder).iterdir():
+        if not p.is_file() or TMP_MARK not in p.name:
+            continue
+        pid = p.name.rsplit(TMP_MARK, 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    return removed
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -373,6 +422,11 @@ class Stage:
         pend = self.pending()
         if man is not None and not force:
             if man.get("fingerprint") == fp:
+                # A kill between writing the manifest and dropping the pending record
+                # leaves both; the manifest is the truth, the rest is debris.
+                with contextlib.suppress(FileNotFoundError):
+                    (self.path / PENDING).unlink()
+                remove_stale_temporaries(self.path)
                 return "skip"
             raise StageError(self._mismatch(man.get("components", {}), components))
         restart = force or (man is None and pend is None)
@@ -383,6 +437,7 @@ class Stage:
             restart = True
         if restart:
             self.clear()
+        remove_stale_temporaries(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(
             self.path / PENDING,
@@ -468,6 +523,7 @@ class Stage:
             raise RuntimeError("Stage.finish() called before Stage.begin()")
         if shards is not None:
             self._shards = list(shards)
+        remove_stale_temporaries(self.path)
         missing = [s for s in self._shards if not self.has_shard(s)]
         if missing:
             raise StageError(

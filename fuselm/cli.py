@@ -18,13 +18,20 @@ from pathlib import Path
 from typing import Any
 
 from fuselm import __version__
-from fuselm.artifacts import Stage, StageError, ensure_run_dir, run_lock
+from fuselm.artifacts import (
+    Stage,
+    StageError,
+    ensure_run_dir,
+    remove_stale_temporaries,
+    run_lock,
+)
 from fuselm.config import ConfigError, PipelineConfig, load_config
 
 log = logging.getLogger("fuselm")
 
 EXIT_ERROR = 1
 EXIT_NOT_IMPLEMENTED = 3
+EXIT_INTERRUPTED = 130
 
 
 # name -> (module:function or None while not implemented, one-line help, issue that adds it)
@@ -95,6 +102,9 @@ def _run_stages(names: list[str], args: argparse.Namespace) -> int:
     if rank0:
         ensure_run_dir(run_dir)
     with run_lock(run_dir) if rank0 else contextlib.nullcontext():
+        if rank0:  # temporaries of a killed run (dead pids): never final files, drop them
+            remove_stale_temporaries(run_dir, recursive=True)
+            record_model_trust(run_dir, cfg)
         for name in names:
             try:
                 runner = _runner(name)
@@ -115,6 +125,28 @@ def _run_stages(names: list[str], args: argparse.Namespace) -> int:
 def _merge_wanted(cfg: PipelineConfig) -> bool:
     """Whether `fuselm run` has anything to merge (pairwise targets or explicit models)."""
     return cfg.fuse.mode != "multi" or bool(cfg.merge.models)
+
+
+def record_model_trust(run_dir: Path, cfg: PipelineConfig) -> None:
+    """Record in ``fuselm-run.json`` what each model may do: run its own code, unpickle.
+
+    Both are off by default and set per model; the run marker is the run's manifest, so
+    whoever inspects a run dir sees whether remote code or pickle was ever allowed (a
+    model once allowed stays listed, with the latest setting).
+    """
+    from fuselm.artifacts import RUN_MARKER, atomic_write_json, read_json
+
+    path = run_dir / RUN_MARKER
+    record = read_json(path) if path.exists() else {}
+    models = dict(record.get("models", {}))
+    for m in cfg.models():
+        models[m.resolved_name()] = {
+            "model": m.model,
+            "trust_remote_code": m.trust_remote_code,
+            "allow_pickle": m.allow_pickle,
+        }
+    if models != record.get("models"):
+        atomic_write_json(path, {**record, "models": models})
 
 
 def _print_summary(name: str, run_dir: Path, manifest: dict[str, Any]) -> None:
@@ -174,6 +206,9 @@ def _stage_dirs(run_dir: Path, name: str, cfg: PipelineConfig | None) -> list[st
         found = sorted(p.name for p in (run_dir / "train").glob("pair-*") if p.is_dir())
         wanted = variant_names(cfg) if cfg is not None else ["fused", "control"]
         return [f"train/{v}" for v in dict.fromkeys(wanted + found)]
+    if name == "merge":  # only listed when this run merges, or merged before
+        wanted = cfg is not None and _merge_wanted(cfg)
+        return ["merge"] if wanted or (run_dir / "merge").exists() else []
     if name not in ("capture", "align"):
         return [name]
     if cfg is not None:
@@ -234,6 +269,12 @@ def _current_components(
         from fuselm.train.stage import current_components as train_components
 
         result = train_components(cfg, run_dir, stage.split("/", 1)[1])
+        if result is not None:  # the inputs it would train on NOW, not the stored ones
+            result["prepare"] = fingerprint(_current_components("prepare", cfg, run_dir, cache))
+            for name in list(result.get("align", {})):
+                now = _current_components(f"align/{name}", cfg, run_dir, cache)
+                if now is not None:
+                    result["align"][name] = fingerprint(now)
     elif stage == "merge" and run_dir is not None:
         from fuselm.merge.stage import merge_components, resolve_inputs
 
@@ -242,9 +283,43 @@ def _current_components(
             result = merge_components(cfg, models, base)
         except StageError:
             result = None
-    # eval and report are cheap: they are rerun, not checked
+    elif stage == "eval" and run_dir is not None:
+        result = _eval_components_now(cfg, run_dir, cache)
+    elif stage == "report":
+        now = _current_components("eval", cfg, run_dir, cache)
+        result = None if now is None else {"eval": fingerprint(now)}
     cache[stage] = result
     return result
+
+
+def _eval_components_now(
+    cfg: PipelineConfig, run_dir: Path, cache: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The eval stage's components from the upstream fingerprints as they would be now.
+
+    The trained variants are those the eval manifest evaluated (a variant trained since
+    shows up there once eval reruns); None when an upstream stage cannot be checked.
+    """
+    from fuselm.artifacts import fingerprint
+    from fuselm.evaluate import eval_components, variant_stage
+
+    man = Stage(run_dir, "eval").manifest()
+    if man is None:
+        return None
+    fps: dict[str, str] = {}
+    for stage in ["prepare"] + [f"capture/{m.resolved_name()}" for m in cfg.teachers()]:
+        now = _current_components(stage, cfg, run_dir, cache)
+        if now is None:
+            return None
+        fps[stage] = fingerprint(now)
+    trained = {}
+    for variant in man.get("components", {}).get("trained", {}):
+        now = _current_components(variant_stage(variant), cfg, run_dir, cache)
+        if now is None:
+            return None
+        trained[variant] = fingerprint(now)
+    captures = {k.split("/", 1)[1]: v for k, v in fps.items() if k.startswith("capture/")}
+    return eval_components(cfg, fps["prepare"], captures, trained)
 
 
 def _runner_exists(name: str) -> bool:
@@ -308,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fuselm {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the Python traceback of an error (default: one line saying what to fix); "
+        "also FUSELM_DEBUG=1",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def stage_args(
@@ -406,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # Overrides may come after options (`status DIR -c run.yaml a.b=c`); argparse leaves
     # those over, so collect them here rather than forcing an argument order on users.
+    if "--debug" in extra:  # accepted after the command too: `fuselm run x.yaml --debug`
+        extra = [e for e in extra if e != "--debug"]
+        args.debug = True
+    debug = args.debug or os.environ.get("FUSELM_DEBUG", "") not in ("", "0")
     bad = [e for e in extra if e.startswith("-") or "=" not in e]
     if bad or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
@@ -419,13 +504,31 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.quiet:
         os.environ["FUSELM_QUIET"] = "1"  # progress bars off too
+        # and transformers' own (loading/saving weights); read when it is first imported
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.func(args)
     except NotImplementedStage as e:
         print(str(e), file=sys.stderr)
         return EXIT_NOT_IMPLEMENTED
     except (ConfigError, StageError) as e:  # includes ModelLoadError and CorpusError
+        if debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a case no check caught: still one line, never a bare traceback
+        if debug:
+            raise
+        print(
+            f"error: {type(e).__name__}: {e}\n(unexpected: please report it; rerun with "
+            "--debug for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
 
 

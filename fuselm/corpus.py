@@ -15,7 +15,6 @@ tokenizer splits that word, which costs alignment coverage at every block edge.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import unicodedata
 from collections import defaultdict
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fuselm.artifacts import Stage, StageError, text_digest
+from fuselm.artifacts import Stage, StageError, atomic_write_json, text_digest
 from fuselm.config import PipelineConfig, to_dict
 from fuselm.documents import (
     CorpusError,
@@ -228,7 +227,11 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
     if begun == "skip":
         log.info("prepare: up to date in %s (skipped)", stage.path)
         return stage.manifest() or {}
-    stage.clear_shards()  # blocks depend on the whole stream: an interrupted prepare restarts
+    # Blocks depend on the whole stream, so an interrupted prepare reads the corpus again;
+    # but the stream is a pure function of the fingerprint (inputs' contents, config,
+    # tokenizers), so a shard an interrupted run with the same fingerprint completed has
+    # exactly the content it would get now and is kept, not rewritten (`begin` cleared
+    # the folder if the fingerprint differs).
 
     c = cfg.corpus
     counters: dict[str, int] = defaultdict(int)
@@ -258,8 +261,8 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
         if not rows:
             return
         name = f"{split}-{shard_no[split]:05d}"
-        table = pa.Table.from_pylist(rows, schema=schema)
-        stage.write_table(name, table)
+        if not stage.has_shard(name):
+            stage.write_table(name, pa.Table.from_pylist(rows, schema=schema))
         shards.append(name)
         shard_no[split] += 1
         rows.clear()
@@ -375,9 +378,10 @@ def run_prepare(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict
             counters["documents"],
             c.validation_fraction,
         )
-    manifest = stage.finish(stats, shards=shards)
-    (stage.path / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    return manifest
+    # Before the manifest, atomically: a kill in between must not leave a finished stage
+    # without its stats file (a finished stage is never revisited).
+    atomic_write_json(stage.path / "stats.json", stats)
+    return stage.finish(stats, shards=shards)
 
 
 def _check_no_overlap(inputs: Sequence[Any]) -> None:

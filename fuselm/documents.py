@@ -108,7 +108,13 @@ def iter_documents(
         rel = path.name if root.is_file() else str(path.relative_to(root))
         fmt = input_format(inp, path)
         if fmt == "text":
-            if root.is_dir() and looks_binary(path):
+            if looks_binary(path):
+                if root.is_file():  # named explicitly: a mistake worth stopping for
+                    raise CorpusError(
+                        f"{key}.path: {path} looks binary (a NUL byte in its first 8 KB), "
+                        "not text; point it at a text file (binary files inside a folder "
+                        "input are skipped and counted instead)"
+                    )
                 counters["skipped_binary"] += 1  # folders hold .pyc, images...: not text
                 continue
             docs: Iterator[Document] = iter(
@@ -190,9 +196,18 @@ def _iter_jsonl(
         text = row[inp.text_field]
         if not isinstance(text, str):
             raise CorpusError(
-                f"{origin}: field '{inp.text_field}' is {type(text).__name__}, not text"
+                f"{origin}: field '{inp.text_field}' is {type(text).__name__}, not text; "
+                f"make it a JSON string, or set corpus.inputs[{index}].text_field to the "
+                "field that holds the text"
             )
-        domain = row.get(inp.domain_field) or default_domain
+        domain = row.get(inp.domain_field)
+        if domain is not None and not isinstance(domain, str):
+            raise CorpusError(
+                f"{origin}: field '{inp.domain_field}' is {type(domain).__name__}, not a "
+                f"string; make it a string, or set corpus.inputs[{index}].domain_field to "
+                "another field (or to one that does not exist, to use `domain`)"
+            )
+        domain = domain or default_domain
         yield Document(f"{index}:{rel}:{lineno}", text, str(domain), origin)
 
 
@@ -229,14 +244,28 @@ def _conversation(
 def _iter_parquet(
     inp: CorpusInput, index: int, path: Path, rel: str, default_domain: str
 ) -> Iterator[Document]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for non-Parquet bytes
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CorpusError(
+            f"{path}: not a readable Parquet file ({first}); replace it, or set "
+            f"corpus.inputs[{index}].format to what it is (text, jsonl)"
+        ) from None
     names = pf.schema_arrow.names
     if inp.text_field not in names:
         raise CorpusError(
             f"{path}: no column '{inp.text_field}' (columns: {', '.join(names)}); "
             f"set corpus.inputs[{index}].text_field"
+        )
+    kind = pf.schema_arrow.field(inp.text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise CorpusError(
+            f"{path}: column '{inp.text_field}' holds {kind}, not text; set "
+            f"corpus.inputs[{index}].text_field to the string column that holds the text"
         )
     cols = [inp.text_field] + ([inp.domain_field] if inp.domain_field in names else [])
     row = 0

@@ -344,13 +344,48 @@ def _trained_models(run_dir: Path) -> dict[str, Path]:
     return out
 
 
-def _stage_of(variant: str) -> str:
+def variant_stage(variant: str) -> str:
+    """The stage folder of an evaluated variant (``merged`` is the merge stage's model)."""
     return "merge" if variant == "merged" else f"train/{variant}"
 
 
 def _kind(variant: str) -> str:
     """The results' ``kind`` of a variant: fused, control, pairwise or merged."""
     return "pairwise" if variant.startswith("pair-") else variant
+
+
+def eval_components(
+    cfg: Any, prepare_fp: str | None, captures: dict[str, str], trained: dict[str, str]
+) -> dict[str, Any]:
+    """What the eval stage's output depends on (its fingerprint is the stage identity).
+
+    Args:
+        cfg: the pipeline configuration.
+        prepare_fp: fingerprint of the prepare stage.
+        captures: teacher name -> fingerprint of its capture.
+        trained: variant -> fingerprint of its train (or merge) stage, those present.
+
+    ``fuselm status`` calls this with the fingerprints the upstream stages would have
+    now, so an edit anywhere upstream shows eval as stale too.
+    """
+    from fuselm.config import to_dict
+
+    return {
+        "format": FORMAT_VERSION,
+        "prepare": prepare_fp,
+        "captures": captures,
+        "trained": trained,
+        "eval": {
+            "max_blocks": cfg.eval.max_blocks,
+            "unit": cfg.eval.unit,
+            "lm_eval": [
+                cfg.eval.lm_eval_tasks,
+                cfg.eval.lm_eval_include,
+                cfg.eval.lm_eval_limit,
+            ],
+        },
+        "target_untouched": None if cfg.target.as_source else to_dict(cfg.target),
+    }
 
 
 def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
@@ -384,22 +419,12 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
             )
         captured[m.resolved_name()] = man["fingerprint"]
     trained = _trained_models(run_dir)
-    components = {
-        "format": FORMAT_VERSION,
-        "prepare": prep["fingerprint"] if prep else None,
-        "captures": captured,
-        "trained": {v: Stage(run_dir, _stage_of(v)).manifest()["fingerprint"] for v in trained},
-        "eval": {
-            "max_blocks": cfg.eval.max_blocks,
-            "unit": cfg.eval.unit,
-            "lm_eval": [
-                cfg.eval.lm_eval_tasks,
-                cfg.eval.lm_eval_include,
-                cfg.eval.lm_eval_limit,
-            ],
-        },
-        "target_untouched": None if cfg.target.as_source else to_dict(cfg.target),
-    }
+    components = eval_components(
+        cfg,
+        prep["fingerprint"] if prep else None,
+        captured,
+        {v: Stage(run_dir, variant_stage(v)).manifest()["fingerprint"] for v in trained},
+    )
     stage = Stage(run_dir, "eval")
     if stage.begin(components, to_dict(cfg.eval), shards=[], force=force) == "skip":
         log.info("eval: up to date in %s (skipped)", stage.path)
@@ -504,6 +529,7 @@ __all__ = [
     "bits_per_byte",
     "capture_scores",
     "comparison_table",
+    "eval_components",
     "predicted_bytes",
     "results_csv",
     "run_eval",

@@ -41,6 +41,13 @@ def _explain(m: ModelConfig, what: str, path: str, err: Exception) -> ModelLoadE
             " The model needs its own code: set trust_remote_code: true for "
             f"'{m.resolved_name()}' if you trust it."
         )
+    elif what == "tokenizer" and Path(path).is_dir() and not _has_tokenizer_files(Path(path)):
+        hint = (
+            " The folder holds no tokenizer files (tokenizer.json, tokenizer_config.json, "
+            "vocab.json, tokenizer.model): save the tokenizer into it "
+            f"(tokenizer.save_pretrained), or set `tokenizer:` for '{m.resolved_name()}' to "
+            "the folder that has it."
+        )
     elif not Path(path).exists():
         hint = (
             " It is not a local path; loading it by name needs the Hugging Face hub "
@@ -51,11 +58,33 @@ def _explain(m: ModelConfig, what: str, path: str, err: Exception) -> ModelLoadE
     )
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / f).exists() for f in _TOKENIZER_FILES)
+
+
+def _files_stamp(folder: Path) -> str:
+    """Names, sizes and modification times of the files directly in a local folder."""
+    if not folder.is_dir():
+        return ""
+    return fingerprint(
+        sorted(
+            (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            for f in folder.iterdir()
+            if f.is_file()
+        )
+    )
+
+
 @functools.lru_cache(maxsize=32)
 def _load_tokenizer_cached(path: str, kw_json: str) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, **json.loads(kw_json))
+    kw = json.loads(kw_json)
+    kw.pop("_stamp", None)
+    return AutoTokenizer.from_pretrained(path, **kw)
 
 
 def load_tokenizer(m: ModelConfig) -> Any:
@@ -65,6 +94,9 @@ def load_tokenizer(m: ModelConfig) -> Any:
     kw = _common_kwargs(m)
     if m.tokenizer and m.tokenizer != m.model:
         kw.pop("gguf_file", None)  # a separate tokenizer is not inside the model's GGUF
+    # Part of the cache key, never passed on: a tokenizer file edited while the process
+    # lives (a notebook, a long `fuselm status` session) must not be served from the cache.
+    kw["_stamp"] = _files_stamp(Path(m.tokenizer_path))
     try:
         return _load_tokenizer_cached(m.tokenizer_path, json.dumps(kw, sort_keys=True))
     except Exception as e:  # transformers raises many types for a bad path

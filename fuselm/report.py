@@ -165,8 +165,17 @@ def _plot_bpb(results: dict[str, Any], path: Path) -> None:
     ax.set_title("Held-out bits per byte by domain")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
     plt.close(fig)
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    """Render to memory, then write atomically: a kill never leaves half a PNG."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:
@@ -198,7 +207,7 @@ def _plot_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> bool:
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -212,7 +221,7 @@ def _plot_selection(shares: dict[str, float], path: Path) -> bool:
     ax.set_ylabel("share of selections")
     ax.set_title("Which source fusion followed")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
     plt.close(fig)
     return True
 

@@ -312,13 +312,11 @@ def align_source(
             "from cache" if cached else f"built in {vmap_s:.1f} s",
             vmap.counts(),
         )
-    import pyarrow.parquet as pq
-
     from fuselm.progress import progress
 
     chat_sides = chat_sides_for(cfg, m, prep, tokenizer, src_surface, target)
     cap_stage = Stage(run_dir, f"capture/{name}")
-    total = sum(pq.ParquetFile(cap_stage.shard_path(s)).metadata.num_rows for s in mine)
+    total = sum(_capture_rows(cap_stage.shard_path(s)) for s in mine)
     who = f" [rank {rank}/{world}]" if world > 1 else ""
     bar = progress(total=total, desc=f"align {name}{who}", unit="block")
     started = time.perf_counter()
@@ -450,6 +448,20 @@ def align_one(
     except ValueError as e:
         raise StageError(f"align: source '{name}': block {b.block_id} (hash {b.hash}): {e}") from e
     return rec, diag, bad
+
+
+def _capture_rows(path: Path) -> int:
+    """Rows of a capture shard, or a StageError naming it when it is not readable Parquet."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception as e:  # ArrowInvalid / OSError: damaged after the capture finished
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StageError(
+            f"align: capture shard {path} is unreadable ({first}); delete it and rerun "
+            "`fuselm capture` (only the missing shard is captured again), then `fuselm align`"
+        ) from None
 
 
 def _align_shard(

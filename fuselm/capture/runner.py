@@ -103,6 +103,13 @@ class Capturer:
         # Rows past the tokenizer's largest id are padding of the embedding (Qwen-style),
         # never real tokens. Largest id, not len(): added tokens may leave holes.
         n_ids = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+        if n_ids > self.embedding_rows:  # ids past the output rows: not this model's tokenizer
+            raise StageError(
+                f"capture: source '{name}': its tokenizer has {n_ids} token ids but the model "
+                f"has only {self.embedding_rows} output rows, so the tokenizer does not belong "
+                "to this model; point `tokenizer:` of this source at the model's own "
+                "tokenizer (or leave it empty to use the one saved with the model)"
+            )
         self.vocab_size = min(n_ids, self.embedding_rows)
         self.padded = self.embedding_rows > self.vocab_size
         if self.top_k > self.vocab_size:

@@ -457,6 +457,9 @@ def _finish(
             "tokenizer_converted": converted,
             "tokenizer_len": len(tokenizer),
             "bos_token_id": tokenizer.bos_token_id,
+            # What this source was allowed to run or unpickle (both off by default).
+            "trust_remote_code": m.trust_remote_code,
+            "allow_pickle": m.allow_pickle,
         },
         "format": {"version": storage.FORMAT_VERSION, "k": cfg.capture.top_k, "step": storage.STEP},
     }

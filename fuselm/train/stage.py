@@ -166,8 +166,10 @@ def base_components(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
         }
     align_mans = {name: _align_manifest(run_dir, name) for name in teachers}
     _check_target_vocab(cfg, run_dir, align_mans, tok_digest)
+    prep = Stage(run_dir, "prepare").manifest() or {}
     return {
         "format": FORMAT_VERSION,
+        "prepare": prep.get("fingerprint"),
         "align": {n: man["fingerprint"] for n, man in align_mans.items()},
         "target": model_identity(cfg.target),
         "target_tokenizer": tok_digest,
@@ -195,8 +197,18 @@ def variant_components(cfg: PipelineConfig, variant: str, base: dict[str, Any]) 
     """
     train = {k: v for k, v in to_dict(cfg.train).items() if k != "save_steps"}
     if variant == "control":
+        # The control's rows are the blocks' target token ids: they follow from the
+        # prepared blocks and the target's tokenizer and BOS policy, never from a teacher,
+        # so a changed source or alignment setting must not make the control stale.
         train = {k: v for k, v in train.items() if k not in _FUSION_ONLY}
-        return {**base, "variant": variant, "train": train, "clm_weight": 1.0}
+        own = {k: v for k, v in base.items() if k != "align"}
+        return {
+            **own,
+            "target_bos": cfg.target.bos,
+            "variant": variant,
+            "train": train,
+            "clm_weight": 1.0,
+        }
     teachers = variant_teachers(cfg, variant)
     fuse = {k: v for k, v in to_dict(cfg.fuse).items() if k != "mode"}  # mode: which variants
     # A pair depends on its own teachers' alignments only: re-aligning another source
@@ -274,6 +286,7 @@ def train_variant(
         model_card=model_card(cfg, variant, lam, teachers, data),
         save_dtype=save_dtype,
         desc=f"train {variant}",
+        drop_checkpoints=False,  # removed below, once the manifest is written
     )
     try:
         result = trainer.train()
@@ -310,6 +323,7 @@ def train_variant(
             f", fusion {result.final_fusion:.4f}" if result.final_fusion is not None else "",
             stage.path / MODEL_DIR,
         )
+        trainer.remove_checkpoints()
     state.wait_for_everyone()
     return man or stage.manifest() or {}
 
@@ -387,6 +401,8 @@ def _begin(
         and pend.get("fingerprint") == fingerprint(components)
     )
     state = stage.begin(components, config, [], force=force)
+    if state == "skip":  # killed after the manifest, before the checkpoints were dropped
+        shutil.rmtree(ckpts, ignore_errors=True)
     if state == "run" and not resume:
         # Nothing to resume: drop what an older run left (checkpoints, log, model).
         shutil.rmtree(ckpts, ignore_errors=True)

@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from fuselm.artifacts import atomic_write_json, read_json
+from fuselm import faults
+from fuselm.artifacts import atomic_write_bytes, atomic_write_json, read_json
 from fuselm.train.batching import (
     collate,
     count_steps,
@@ -67,8 +68,12 @@ MODEL_DIR = "model"
 STOP_ENV = "FUSELM_TRAIN_STOP_AFTER"  # test hook: stop (as if killed) after N steps
 
 
-class TrainingInterrupted(RuntimeError):
-    """Raised by the ``stop_after`` hook: the run stops as if killed after that step."""
+class TrainingInterrupted(BaseException):
+    """Raised by the ``stop_after`` hook: the run stops as if killed after that step.
+
+    A BaseException, like KeyboardInterrupt: it stands for the process dying, so no error
+    handler (the CLI's one-line error reporting included) turns it into an ordinary error.
+    """
 
 
 # --------------------------------------------------------------------------- the loop
@@ -127,6 +132,7 @@ class Trainer:
         save_dtype: torch.dtype | None = None,
         stop_after: int | None = None,
         desc: str = "train",
+        drop_checkpoints: bool = True,
     ) -> None:
         """Set up a run (nothing is loaded until :meth:`train`).
 
@@ -144,6 +150,9 @@ class Trainer:
             stop_after: stop after this many steps as if killed (tests of resume); also
                 read from the ``FUSELM_TRAIN_STOP_AFTER`` environment variable.
             desc: progress bar label.
+            drop_checkpoints: delete the checkpoints once the final model is saved; the
+                train stage passes False and calls :meth:`remove_checkpoints` after its
+                manifest is written.
         """
         self.load_model = load_model
         # A list of rows (built in memory), or an example source that plans and fetches
@@ -167,6 +176,7 @@ class Trainer:
             stop_after if stop_after is not None else (int(env_stop) if env_stop else None)
         )
         self.desc = desc
+        self.drop_checkpoints = drop_checkpoints
         if settings.uses_teacher and self.examples is not None:
             bare = [e.block_id for e in self.examples if e.teacher_ids is None]
             if bare:
@@ -302,6 +312,7 @@ class Trainer:
                     + f" {rate:,.0f} tok/s"
                 )
             done = step + 1
+            faults.point(f"step {self.out} {done}")
             if s.save_steps and done % s.save_steps == 0 and done < total:
                 self._save_checkpoint(acc, done, tokens_seen, fusion_seen, global_batch, total)
             if self.stop_after is not None and done >= self.stop_after and done < total:
@@ -314,8 +325,8 @@ class Trainer:
         seconds = time.perf_counter() - t0
         model_dir = self._save_model(acc, model)
         acc.wait_for_everyone()
-        if acc.is_main_process:  # finished: the checkpoints (optimizer state!) are dead weight
-            shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)
+        if acc.is_main_process and self.drop_checkpoints:
+            self.remove_checkpoints()
         return TrainResult(
             steps=total,
             resumed_from=start,
@@ -333,6 +344,15 @@ class Trainer:
         )
 
     # ---- checkpoints
+    def remove_checkpoints(self) -> None:
+        """Delete the checkpoints (optimizer state!) of a finished run: dead weight now.
+
+        The train stage calls this only after its manifest is written: a kill between
+        saving the final model and writing the manifest then resumes from the last
+        checkpoint instead of training from step 0 again.
+        """
+        shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)
+
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints (with ``trainer_state.json``), oldest first."""
         root = self.out / CHECKPOINTS
@@ -365,7 +385,9 @@ class Trainer:
                 f"{ckpt} belongs to a run of {state.get('total_steps')} steps, this one has "
                 f"{total}; pass --force to start over"
             )
-        acc.load_state(str(ckpt))
+        # weights_only: a checkpoint folder is data, never code (accelerate's default too,
+        # made explicit here so that a change of that default cannot slip through).
+        acc.load_state(str(ckpt), load_kwargs={"weights_only": True})
         step = int(state["step"])
         log.info("%s: resuming from %s (step %d of %d)", self.desc, ckpt, step, total)
         return step, int(state.get("tokens_seen", 0)), int(state.get("fusion_tokens_seen", 0))
@@ -390,6 +412,7 @@ class Trainer:
                     "settings": asdict(self.s),
                 },
             )
+            faults.point(f"ckpt {self.out} {step}")
             for old in (self.out / CHECKPOINTS).glob("step-*"):  # keep only the newest
                 if old != path:
                     shutil.rmtree(old, ignore_errors=True)
@@ -412,7 +435,8 @@ class Trainer:
             with contextlib.suppress(ValueError):
                 if json.loads(line).get("step", 0) <= step:
                     keep.append(line)
-        path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+        # Atomic: a kill while rewriting must not lose the lines of the steps kept.
+        atomic_write_bytes(path, "".join(x + "\n" for x in keep).encode("utf-8"))
 
     # ---- final model
     def _save_model(self, acc: Any, model: torch.nn.Module) -> Path:
@@ -436,6 +460,7 @@ class Trainer:
                 (tmp / "README.md").write_text(self.model_card, encoding="utf-8")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
+            faults.point(f"model {final}")
             log.info("%s: model saved to %s", self.desc, final)
         return final
 
