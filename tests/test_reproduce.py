@@ -221,3 +221,12 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
     _run_tiny(tmp_path, monkeypatch, seeds=(0, 1))
     again = json.loads((out / "results.json").read_text(encoding="utf-8"))["test"]
     assert again == first
+
+
+def test_shakespeare_folder_loader(tmp_path):
+    (tmp_path / "macbeth_gut.txt").write_text("MACBETH\n", encoding="utf-8")
+    (tmp_path / "macbeth_gut_f.txt").write_text("folio copy\n", encoding="utf-8")
+    docs = repro_data.shakespeare_dir(tmp_path)()
+    assert [d.doc_id for d in docs] == ["shakespeare/macbeth_gut"]  # folio copies left out
+    with pytest.raises(ValueError, match="no \\*_gut.txt"):
+        repro_data.shakespeare_dir(tmp_path / "missing")()

@@ -54,16 +54,17 @@ BUDGETS: dict[str, Budget] = {
         grid=((1e-3, 0.9), (1e-3, 0.5)),
         seeds=(0, 1, 2),
     ),
-    # A smoke-scale run of every comparison on SmolLM2-135M: ~15 min of 2 idle cores
-    # (an hour when the machine is shared), a few optimiser steps per run: it checks the
-    # whole experiment end to end; it cannot separate methods whose differences are small.
+    # A smoke-scale run of every comparison on SmolLM2-135M: about 15 min of 2 idle cores
+    # (50 min on a machine shared with four other jobs). Three optimiser steps per fusion
+    # run: it checks the whole experiment end to end, and it cannot separate methods whose
+    # differences are small.
     "quick": Budget(
         name="quick",
         fixtures=False,
         block_tokens=128,
         piece_chars=450,
         per_doc=3,
-        chars={"expert": 8000, "train": 2000, "val": 1200, "test": 2400},
+        chars={"expert": 8000, "train": 900, "val": 1200, "test": 2400},
         eval_blocks={"val": 2, "test": 4},
         expert_steps=8,
         expert_batch=4,

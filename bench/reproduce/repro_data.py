@@ -72,11 +72,27 @@ def docs_docs() -> list[Doc]:
 
 
 def shakespeare_docs() -> list[Doc]:
-    """Shakespeare's plays and poems, one document each (from ``fuselm.assets``)."""
+    """Shakespeare's plays and poems, one document each (from ``fuselm.assets``).
+
+    Ids are the package's file stems (``macbeth_gut``), the same as ``shakespeare_dir``
+    gives for a local folder, so both sources split the plays identically.
+    """
     from fuselm import assets  # the demo's offline asset fetcher (issue #7)
 
-    paths = assets.shakespeare_texts()
-    return [Doc(f"shakespeare/{Path(p).stem}", Path(p).read_text(encoding="utf-8")) for p in paths]
+    texts = assets.shakespeare_texts()
+    return [Doc(f"shakespeare/{name}_gut", text) for name, text in sorted(texts.items())]
+
+
+def shakespeare_dir(folder: str | Path) -> Callable[[], list[Doc]]:
+    """A loader for a local folder of the package's ``*_gut.txt`` texts."""
+
+    def load() -> list[Doc]:
+        paths = sorted(Path(folder).glob("*_gut.txt"))
+        if not paths:
+            raise ValueError(f"{folder}: no *_gut.txt file (the `shakespeare` package's texts)")
+        return [Doc(f"shakespeare/{p.stem}", p.read_text(encoding="utf-8")) for p in paths]
+
+    return load
 
 
 DOMAIN_LOADERS: dict[str, Callable[[], list[Doc]]] = {

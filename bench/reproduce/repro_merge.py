@@ -8,9 +8,12 @@ instead of growing this file; the table picks up every entry of the dict.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+MARKER = "repro-merge.json"
 
 
 class MergeError(ValueError):
@@ -25,6 +28,9 @@ def linear_merge(model_dirs: Sequence[Path], out_dir: Path) -> Path:
     refused; the same shapes with a different tokenizer would average unrelated
     embedding rows silently, so the tokenizers must be identical too.
 
+    The output is reused when it was merged from the same inputs (a marker file holds
+    their content digests).
+
     Raises:
         MergeError: fewer than two models, or models that differ in architecture,
             parameter names/shapes or tokenizer (the message names which).
@@ -33,9 +39,15 @@ def linear_merge(model_dirs: Sequence[Path], out_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fuselm.artifacts import tokenizer_digest
+    from fuselm.experts import dir_digest
 
     if len(model_dirs) < 2:
         raise MergeError(f"linear merge needs at least two models, got {len(model_dirs)}")
+    out_dir = Path(out_dir)
+    ident = {"method": "linear", "inputs": [dir_digest(d) for d in model_dirs]}
+    marker = out_dir / MARKER
+    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == ident:
+        return out_dir
     toks = [AutoTokenizer.from_pretrained(str(d)) for d in model_dirs]
     digests = {tokenizer_digest(t) for t in toks}
     if len(digests) > 1:
@@ -65,11 +77,11 @@ def linear_merge(model_dirs: Sequence[Path], out_dir: Path) -> Path:
     assert first is not None
     n = float(len(model_dirs))
     first.load_state_dict({k: (v / n).float() for k, v in acc.items()})
-    out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     first.save_pretrained(str(tmp))
     toks[0].save_pretrained(str(tmp))
+    (tmp / MARKER).write_text(json.dumps(ident), encoding="utf-8")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir

