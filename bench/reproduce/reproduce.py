@@ -214,7 +214,7 @@ class Experiment:
         self._phase("experts", t0)
 
         t0 = time.time()
-        runs = w / "runs"
+        runs = w / "runs" / self.run_key(corpus, experts)
         self.shared = prepare_shared(corpus["train"], assets["base"], experts, b, runs)
         self.blocks = {
             s: heldout_blocks(
@@ -250,6 +250,23 @@ class Experiment:
         self._phase("variants x seeds (test)", t0)
         self.results["meta"]["timings"] = self.timings
         return self.results
+
+    def run_key(self, corpus: dict[str, Path], experts: dict[str, Path]) -> str:
+        """A folder name for the fuselm runs of this data, these experts and this budget.
+
+        fuselm refuses to reuse a run dir whose inputs changed (rightly); a new budget or
+        rebuilt experts therefore get their own runs instead of tripping over old ones.
+        """
+        from fuselm.artifacts import file_digest, fingerprint
+        from fuselm.experts import dir_digest
+
+        return fingerprint(
+            {
+                "corpus": {k: file_digest(p) for k, p in sorted(corpus.items())},
+                "models": {k: dir_digest(p) for k, p in sorted(experts.items())},
+                "budget": {k: v for k, v in self.b.as_dict().items() if k != "seeds"},
+            }
+        )[:12]
 
     # ---- scoring
     def score_fixed(self, split: str, name: str, path: Path) -> None:
