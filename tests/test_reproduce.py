@@ -152,13 +152,11 @@ def test_pieces_cut_after_newlines_and_lose_nothing():
 # --------------------------------------------------------------------------- end to end
 
 
-def _run_tiny(tmp_path, monkeypatch, seeds):
+def _run_tiny(tmp_path, monkeypatch, seeds, grid=((1e-3, 0.9), (1e-3, 0.5))):
     import repro_budget
     import reproduce
 
-    budget = dataclasses.replace(
-        repro_budget.BUDGETS["tiny"], seeds=seeds, grid=((1e-3, 0.9), (1e-3, 0.5))
-    )
+    budget = dataclasses.replace(repro_budget.BUDGETS["tiny"], seeds=seeds, grid=grid)
     monkeypatch.setitem(repro_budget.BUDGETS, "tiny", budget)
     monkeypatch.setattr(reproduce, "BUDGETS", repro_budget.BUDGETS)
     monkeypatch.setenv("FUSELM_QUIET", "1")
@@ -168,7 +166,8 @@ def _run_tiny(tmp_path, monkeypatch, seeds):
 
 
 def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
-    work, out = _run_tiny(tmp_path, monkeypatch, seeds=(0, 1))
+    """Every row of both tables, one seed, then a rerun that reuses everything."""
+    work, out = _run_tiny(tmp_path, monkeypatch, seeds=(0,), grid=((1e-3, 0.9),))
     md = (out / "RESULTS.md").read_text(encoding="utf-8")
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert (out / "results.png").stat().st_size > 1000
@@ -177,7 +176,7 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
         "commit: ",
         "load average",
         "budget: `tiny`",
-        "validation split",
+        "Validation split",
     ):
         assert needle in md
     import reproduce
@@ -200,7 +199,11 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
         for bpb in per_seed.values():
             assert all(math.isfinite(v) and v > 0 for v in bpb.values()), row
             assert set(bpb) == {"code", "shakespeare", "docs", "__all__"}, row
-    assert set(results["test"]["fuselm MinCE"]) == {"0", "1"}
+    from repro_report import ABLATION_ROWS, MAIN_ROWS
+
+    for key, label in MAIN_ROWS + ABLATION_ROWS:
+        if key in results["test"]:
+            assert f"| {label} | " in md, label
     # tuning happened on val only; test rows carry no tuning entries
     assert any(k.startswith("tune:") for k in results["val"])
     assert not any(k.startswith("tune:") for k in results["test"])
@@ -209,18 +212,32 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
     assert align["mined"]["e-code"]["mass"] == align["exact"]["e-code"]["mass"]
     assert align["exact"]["e-shakespeare-gpt2"]["mass"]["mined"] == 0
     # fusion variants reused the shared captures: no variant run dir captured anything
+    (runs,) = (work / "runs").iterdir()  # one data/experts/budget key
     man = json.loads(
-        (work / "runs" / "fuselm-mince" / "s0" / "capture" / "e-code" / "manifest.json").read_text()
+        (runs / "fuselm-mince" / "s0" / "capture" / "e-code" / "manifest.json").read_text()
     )
     shared = json.loads(
-        (work / "runs" / "shared-mined" / "capture" / "e-code" / "manifest.json").read_text()
+        (runs / "shared-mined" / "capture" / "e-code" / "manifest.json").read_text()
     )
     assert man["fingerprint"] == shared["fingerprint"] and man["finished"] == shared["finished"]
     # a second run reuses every stage and score, and writes the same numbers
-    first = results["test"]
-    _run_tiny(tmp_path, monkeypatch, seeds=(0, 1))
+    trained = runs / "fuselm-mince" / "s0" / "train" / "fused" / "manifest.json"
+    stamp = trained.stat().st_mtime_ns
+    _run_tiny(tmp_path, monkeypatch, seeds=(0,), grid=((1e-3, 0.9),))
     again = json.loads((out / "results.json").read_text(encoding="utf-8"))["test"]
-    assert again == first
+    assert again == results["test"]
+    assert trained.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_tiny_reproduction_three_seeds(tmp_path, monkeypatch):
+    """The full tiny budget: three seeds, a two-point grid, spreads in the table."""
+    _, out = _run_tiny(tmp_path, monkeypatch, seeds=(0, 1, 2))
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert set(results["test"]["fuselm MinCE"]) == {"0", "1", "2"}
+    assert set(results["test"]["CLM-only control"]) == {"0", "1", "2"}
+    assert " ± " in (out / "RESULTS.md").read_text(encoding="utf-8")
+    assert len(results["meta"]["tuning"]["fused"]) == 2
 
 
 def test_shakespeare_folder_loader(tmp_path):

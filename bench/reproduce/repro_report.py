@@ -42,8 +42,19 @@ ABLATION_ROWS = (
 )
 
 
+def code_state() -> dict[str, str]:
+    """The commit that runs, and whether the code that ran differs from it.
+
+    Taken when the run starts (the code is imported then), so a commit made while a long
+    run is going does not get credited with its numbers. Only ``fuselm/`` and
+    ``bench/reproduce/`` count: a test or README edit does not change the numbers.
+    """
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "fuselm", "bench/reproduce")
+    return {"commit": _git("rev-parse", "HEAD"), "dirty": "yes" if dirty else ""}
+
+
 def machine_info() -> dict[str, Any]:
-    """Host, CPU, cores and load average now (the machine may be shared)."""
+    """Host, CPU, cores, threads and load average now (the machine may be shared)."""
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -59,6 +70,7 @@ def machine_info() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "load_1_5_15": [round(x, 2) for x in load],
         "time": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch_threads": os.environ.get("REPRO_THREADS", "2"),
     }
 
 
@@ -203,15 +215,19 @@ def plot(path: Path, test: dict[str, Any]) -> Path | None:
 
 
 def write_results(
-    out: Path, results: dict[str, Any], budget: Any, command: str, before: dict[str, Any]
+    out: Path,
+    results: dict[str, Any],
+    budget: Any,
+    command: str,
+    before: dict[str, Any],
+    code: dict[str, str] | None = None,
 ) -> Path:
     """Write ``RESULTS.md`` and ``results.png`` into ``out``; returns the markdown path."""
     out.mkdir(parents=True, exist_ok=True)
     meta = results["meta"]
     after = meta.get("machine_after", {})
-    commit = _git("rev-parse", "HEAD")
-    # Only the code that ran counts (a test or README edit does not change the numbers).
-    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "fuselm", "bench/reproduce")
+    code = code or code_state()
+    commit, dirty = code["commit"], code["dirty"]
     png = plot(out / "results.png", results["test"])
     tun = meta.get("tuning", {})
     lines = [
@@ -223,7 +239,8 @@ def write_results(
         f"- date: {before['time']} to {after.get('time', '?')} "
         f"(wall {meta.get('wall_seconds', 0) / 60:.1f} min)",
         f"- machine: {before['host']}, {before['cpu']}, {before['cores']} cores; load average "
-        f"(1/5/15 min) {before['load_1_5_15']} at start, {after.get('load_1_5_15')} at end "
+        f"(1/5/15 min) {before['load_1_5_15']} at start, {after.get('load_1_5_15')} at end, "
+        f"{before.get('torch_threads', '?')} torch thread(s) "
         "(the machine was shared with other jobs; timings are indicative only)",
         f"- commit: {commit}" + (" (with uncommitted changes)" if dirty else ""),
         f"- budget: `{budget.name}`"

@@ -214,7 +214,7 @@ class Experiment:
         self._phase("experts", t0)
 
         t0 = time.time()
-        runs = w / "runs" / self.run_key(corpus, experts)
+        runs = self.runs = w / "runs" / self.run_key(corpus, experts)
         self.shared = prepare_shared(corpus["train"], assets["base"], experts, b, runs)
         self.blocks = {
             s: heldout_blocks(
@@ -332,7 +332,7 @@ class Experiment:
         fused_val: dict[tuple[float, float], float] = {}
         control_val: dict[float, float] = {}
         for lr, lam in self.b.grid:
-            folder = self.work / "runs" / "tune" / f"lr{lr:g}-lam{lam:g}"
+            folder = self.runs / "tune" / f"lr{lr:g}-lam{lam:g}"
             mans = self._train("tune", spec, 0, lr, lam, control=lr not in seen_lr, folder=folder)
             seen_lr.add(lr)
             fused = self.score_trained(
@@ -353,7 +353,7 @@ class Experiment:
         }
 
     def variant(self, name: str, spec: dict[str, Any], seed: int, control: bool) -> None:
-        folder = self.work / "runs" / slug(name) / f"s{seed}"
+        folder = self.runs / slug(name) / f"s{seed}"
         mans = self._train(name, spec, seed, self.lr, self.lam, control, folder)
         self.score_trained("test", name, seed, mans["fused"])
         share = mans["fused"].get("stats", {}).get("fusion", {}).get("selection_share")
@@ -402,7 +402,7 @@ def _count_domains(blocks: list[dict[str, Any]]) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the reproduction and write RESULTS.md (+ results.json, plot)."""
-    from repro_report import machine_info, write_results
+    from repro_report import code_state, machine_info, write_results
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) if args.work else cache / "reproduce" / budget.name
     out = Path(args.out) if args.out else (work if budget.fixtures else HERE)
     command = "python bench/reproduce/reproduce.py " + " ".join(argv or sys.argv[1:])
-    before = machine_info()
+    before, code = machine_info(), code_state()
     t0 = time.time()
     paths = {
         "base": args.base,
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Experiment(budget, work, args.keep_models, paths).run()
     results["meta"]["wall_seconds"] = round(time.time() - t0, 1)
     results["meta"]["machine_after"] = machine_info()
-    path = write_results(out, results, budget, command.strip(), before)
+    path = write_results(out, results, budget, command.strip(), before, code)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(f"wrote {path}")
     return 0
