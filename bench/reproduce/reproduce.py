@@ -180,8 +180,12 @@ class Experiment:
         self.timings[name] = round(time.time() - t0, 1)
         log.info("phase %s: %.0f s", name, self.timings[name])
 
-    def run(self) -> dict[str, Any]:
-        """Every phase in order; each one is cached on disk, so a rerun resumes."""
+    def run(self, stop_after_setup: bool = False) -> dict[str, Any]:
+        """Every phase in order; each one is cached on disk, so a rerun resumes.
+
+        ``stop_after_setup`` stops once data, experts, shared runs and the untrained
+        models' scores are ready (what ``investigate.py`` builds on).
+        """
         import torch
         from repro_merge import MERGE_METHODS
         from repro_pipeline import align_figures, heldout_blocks, prepare_shared
@@ -239,6 +243,9 @@ class Experiment:
             self.ensemble(split, "ensemble-mixed", ("e-code", "e-shakespeare-gpt2", "e-docs"))
         self._phase("fixed models", t0)
 
+        self.setup_done = True
+        if stop_after_setup:
+            return self.results
         t0 = time.time()
         self.tune()
         self._phase("tuning (val)", t0)
@@ -303,6 +310,7 @@ class Experiment:
         lam: float,
         control: bool,
         folder: Path,
+        epochs: float = 1.0,
     ) -> dict[str, dict[str, Any]]:
         from repro_pipeline import base_config, train_run
 
@@ -320,6 +328,7 @@ class Experiment:
             seed=seed,
             control=control,
         )
+        cfg["train"]["epochs"] = epochs
         mans = train_run(self.shared[spec["vocab"]], folder, cfg)
         for variant, man in mans.items():
             man.setdefault("outputs", {})["model"] = str(folder / "train" / variant / "model")
