@@ -109,6 +109,50 @@ def test_linear_merge_averages_and_refuses_other_vocabularies(tmp_path):
         linear_merge([a], tmp_path / "one")
 
 
+def test_fuselm_rules_merge_task_vectors_relative_to_the_base(tmp_path):
+    """TIES / SCE / task arithmetic rows call fuselm.merge's rules tensor by tensor, with
+    task vectors taken from the base model; a rule that needs a base refuses to run
+    without one."""
+    import torch
+    from repro_merge import MERGE_METHODS, MergeError, rule_merge
+    from transformers import AutoModelForCausalLM
+
+    from fuselm.merge.methods import MergeParams, sce, task_arithmetic, ties
+    from fuselm.testing import build_tokenizer, save_tiny_model
+
+    tok = build_tokenizer("bpe")
+    base = save_tiny_model(tmp_path / "base", tok, seed=0)
+    ms = [save_tiny_model(tmp_path / f"m{i}", tok, seed=i + 1) for i in range(3)]
+
+    def sd(p):
+        return AutoModelForCausalLM.from_pretrained(p).state_dict()
+
+    sds, b = [sd(m) for m in ms], sd(base)
+    expect = {
+        "task_arithmetic": (task_arithmetic, MergeParams(scale=3.0)),
+        "ties": (ties, MergeParams(density=0.5)),
+        "sce": (sce, MergeParams(density=0.5)),
+    }
+    for name, (rule, params) in expect.items():
+        fn, _desc = MERGE_METHODS[name]
+        out = sd(fn(ms, tmp_path / f"merge-{name}", base))
+        for k, v in out.items():
+            if not v.is_floating_point():
+                continue
+            want = rule(torch.stack([s[k] for s in sds]), b[k], torch.ones(3), params, k)
+            torch.testing.assert_close(v, want, msg=f"{name} {k}")
+        assert any(not torch.equal(out[k], b[k]) for k in out), name
+    # task arithmetic at scale 3 is the base plus the sum of the task vectors
+    ta = sd(tmp_path / "merge-task_arithmetic")
+    k = next(k for k in ta if ta[k].is_floating_point())
+    torch.testing.assert_close(ta[k], b[k] + sum(s[k] - b[k] for s in sds))
+    assert set(MERGE_METHODS) >= {"linear", "ties", "sce", "task_arithmetic"}
+    with pytest.raises(MergeError, match="give the base model"):
+        rule_merge(ms, tmp_path / "nobase", "ties")
+    with pytest.raises(MergeError, match="unknown merge method"):
+        rule_merge(ms, tmp_path / "bad", "average-ish", base)
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -120,7 +164,7 @@ def test_splits_are_stable_and_disjoint():
     assert 0.08 < shares["test"] < 0.22 and 0.08 < shares["val"] < 0.22
 
 
-def test_build_splits_keeps_documents_apart_and_expert_text_contains_train():
+def test_build_splits_keeps_documents_apart_and_experts_off_the_fusion_text():
     docs = [repro_data.Doc(f"d{i}", f"line {i}\n" * 300) for i in range(60)]
     out = repro_data.build_splits(
         {"x": lambda: docs}, {"expert": 6000, "train": 2000, "val": 1000, "test": 1000}, 500, 2
@@ -128,8 +172,27 @@ def test_build_splits_keeps_documents_apart_and_expert_text_contains_train():
     owner = {p: repro_data.split_of(p.doc_id.split("#")[0]) for s in out for p in out[s]["x"]}
     for part in ("train", "val", "test"):
         assert {owner[p] for p in out[part]["x"]} == {part}
-    assert {p.doc_id for p in out["train"]["x"]} <= {p.doc_id for p in out["expert"]["x"]}
+    assert {owner[p] for p in out["expert"]["x"]} == {"train"}
+    # no document feeds both the experts and the fusion stage (nor any held-out split)
+    doc_sets = {s: {p.doc_id.split("#")[0] for p in out[s]["x"]} for s in out}
+    for a in doc_sets:
+        for b in doc_sets:
+            if a < b:
+                assert not doc_sets[a] & doc_sets[b], (a, b)
+    assert {repro_data.part_of(d) for d in doc_sets["expert"]} == {"expert"}
+    assert {repro_data.part_of(d) for d in doc_sets["train"]} == {"fusion"}
     assert sum(len(p.text) for p in out["train"]["x"]) >= 2000
+    assert sum(len(p.text) for p in out["expert"]["x"]) >= 6000
+
+
+def test_build_splits_names_an_empty_expert_half():
+    # every train document hashes to one half: the other half is empty, and the error
+    # says which part is missing
+    train_ids = [f"t{i}" for i in range(200) if repro_data.split_of(f"t{i}") == "train"]
+    fusion_only = [i for i in train_ids if repro_data.part_of(i) == "fusion"][:5]
+    docs = [repro_data.Doc(i, "text\n" * 50) for i in fusion_only]
+    with pytest.raises(ValueError, match="no document falls in the train split \\(expert half"):
+        repro_data.build_splits({"x": lambda: docs}, {"expert": 10, "train": 10}, 100, 1)
 
 
 def test_build_splits_names_an_empty_split():
@@ -190,6 +253,9 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
         "ensemble",
         "ensemble-mixed",
         "merge-linear",
+        "merge-task_arithmetic",
+        "merge-ties",
+        "merge-sce",
         "CLM-only control",
         *reproduce.VARIANTS,
     ]

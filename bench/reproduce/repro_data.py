@@ -45,6 +45,18 @@ def split_of(doc_id: str, seed: str = "repro", val: float = 0.15, test: float = 
     return "test" if u < test else "val" if u < test + val else "train"
 
 
+def part_of(doc_id: str, expert_share: float = 0.5) -> str:
+    """Which half of the train split a document feeds: ``expert`` or ``fusion`` (by hash).
+
+    Why: if the experts were trained on the documents the fusion stage is then trained
+    on, their predictions on the fusion rows partly recall memorised text, and the fused
+    model learns to imitate that recall instead of the experts' knowledge of the domain.
+    A second, independent hash splits the train documents, so that no document feeds both;
+    validation and test documents are untouched by it.
+    """
+    return "expert" if _h("part", doc_id) < expert_share else "fusion"
+
+
 def code_docs(max_docs: int = 400) -> list[Doc]:
     """Standard-library modules (top-level and package files, tests and IDLE left out)."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -148,12 +160,13 @@ def build_splits(
 ) -> dict[str, dict[str, list[Doc]]]:
     """``{part: {domain: pieces}}`` with ``chars[part]`` characters per domain.
 
-    ``part`` is a split name, or ``expert``: the experts' text, drawn from the train split
-    like the fusion text (``train``), of which it is a superset when it is larger (both
-    take the documents in the same order).
+    ``part`` is a split name, or ``expert``: the experts' text. ``expert`` and ``train``
+    (the fusion text) both come from the train split's documents, but from disjoint
+    halves of them (``part_of``): no document feeds both the experts and the fusion stage.
 
     Raises:
-        ValueError: a domain has no document in a split (too few documents).
+        ValueError: unknown part, or a domain has no document in a split or part (too
+            few documents).
     """
     out: dict[str, dict[str, list[Doc]]] = {p: {} for p in chars}
     for dom, load in loaders.items():
@@ -163,8 +176,12 @@ def build_splits(
             if split not in SPLITS:
                 raise ValueError(f"unknown split {part!r}; use expert, {', '.join(SPLITS)}")
             mine = [d for d in docs if split_of(d.doc_id) == split]
+            if split == "train":
+                half = "expert" if part == "expert" else "fusion"
+                mine = [d for d in mine if part_of(d.doc_id) == half]
             if not mine:
-                raise ValueError(f"domain {dom}: no document falls in the {split} split")
+                where = f"{split} split" + (f" ({half} half)" if split == "train" else "")
+                raise ValueError(f"domain {dom}: no document falls in the {where}")
             out[part][dom] = take(mine, n, piece_chars, per_doc)
     return out
 

