@@ -62,6 +62,7 @@ def main() -> int:
     from fuselm.demo import choose_threads
 
     tmp = Path(tempfile.mkdtemp(prefix="demo-bench-"))
+    print(f"logs and fresh cache under {tmp}", flush=True)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     if args.fresh:
         env["FUSELM_CACHE"] = str(tmp / "cache")
@@ -77,17 +78,18 @@ def main() -> int:
     for i in range(args.runs):
         load0 = os.getloadavg()[0]
         t = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        log_path = tmp / f"run{i + 1}.log"  # streamed: follow it with tail -f
+        with open(log_path, "w") as log:
+            proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - t
         peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
-        (tmp / f"run{i + 1}.log").write_text(proc.stdout + proc.stderr)
         print(
             f"run {i + 1}: exit {proc.returncode}, {wall:.0f} s, peak RSS so far {peak_gb:.2f} GB, "
-            f"load {load0:.1f} -> {os.getloadavg()[0]:.1f} (log {tmp / f'run{i + 1}.log'})",
+            f"load {load0:.1f} -> {os.getloadavg()[0]:.1f} (log {log_path})",
             flush=True,
         )
         if proc.returncode != 0:
-            print(proc.stdout[-2000:] + proc.stderr[-2000:])
+            print(log_path.read_text()[-3000:])
             return 1
         walls.append(wall)
         peaks.append(peak_gb)
