@@ -163,8 +163,8 @@ def closing_note(ver: list[dict[str, Any]], fused_stats: dict[str, Any] | None =
     )
     if abs(d) < 0.005:
         head += (
-            " A difference this small is not evidence either way: the demo did not estimate "
-            "its noise, and it is smaller than what changing the training seed can do."
+            " Treat a difference this small as inconclusive: the demo does not estimate its "
+            "noise (repeating the run with other seeds or held-out documents would)."
         )
     tokens = st.get("tokens")
     budget = f"{st.get('steps', '?')} steps, {tokens:,} tokens" if isinstance(tokens, int) else ""
