@@ -7,19 +7,12 @@ import re
 import shutil
 
 import pytest
-import torch
 import yaml
 
 from fuselm.cli import main
 from fuselm.testing import FIXTURE_TEXTS
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _man(run, sub):
