@@ -1,6 +1,6 @@
 """Tensor kernels behind the fusion rules: input checks, per-position weights, sparse mix.
 
-Why a module of its own: :mod:`fuselm.fuse.rules` states *what* each fusion rule computes
+Why a module of its own: :mod:`fuselm.fuse` states *what* each fusion rule computes
 (MinCE, AvgCE, the per-byte CE they rank by) and is the API; this module holds *how*,
 the vectorised internals that every rule shares and that are easy to get subtly wrong:
 refusing NaNs with the source and position named, the weights of MinCE/AvgCE over the

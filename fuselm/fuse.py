@@ -27,7 +27,8 @@ one slot and the *sum* of their weighted masses) and is trimmed to the widest ro
 used, or to ``max_k`` if given. Entries are ordered by decreasing probability.
 
 Fusion functions are picked by name from :data:`FUSION_FUNCTIONS` (see :func:`get_fusion`);
-they are pure functions on tensors: no I/O, no models.
+they are pure functions on tensors: no I/O, no models. Their shared tensor internals
+(input checks, weights, the sparse mixture) are in :mod:`fuselm.fuse_kernels`.
 
 Traps this module exists to avoid (SPEC §3):
 
@@ -49,7 +50,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fuselm.fuse.kernels import (
+from fuselm.fuse_kernels import (
     Level,
     Weighting,
     _avg_weights,
