@@ -22,36 +22,10 @@ between tokenizers is one token per block, and it is the same for every model th
 a tokenizer.
 
 Two modules: :mod:`~fuselm.evaluate.scoring` (the measurement) and
-:mod:`~fuselm.evaluate.stage` (the stage and its results files); the public names are
-re-exported here.
+:mod:`~fuselm.evaluate.stage` (the stage and its results files); the stage's entry points
+(``run_eval``, ``eval_components``, ``variant_stage``) are re-exported here.
 """
 
-from fuselm.evaluate.scoring import (
-    BlockScore,
-    aggregate,
-    bits_per_byte,
-    capture_scores,
-    predicted_bytes,
-    score_blocks,
-)
-from fuselm.evaluate.stage import (
-    comparison_table,
-    eval_components,
-    results_csv,
-    run_eval,
-    variant_stage,
-)
+from fuselm.evaluate.stage import eval_components, run_eval, variant_stage
 
-__all__ = [
-    "BlockScore",
-    "aggregate",
-    "bits_per_byte",
-    "capture_scores",
-    "comparison_table",
-    "eval_components",
-    "predicted_bytes",
-    "results_csv",
-    "run_eval",
-    "score_blocks",
-    "variant_stage",
-]
+__all__ = ["eval_components", "run_eval", "variant_stage"]
