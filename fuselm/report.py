@@ -307,7 +307,7 @@ def run_report(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
     shares = _selection_shares(Path(run_dir))
     has_shares = _plot_selection(shares, out / "source_selection.png")
 
-    from fuselm.evaluate import comparison_table
+    from fuselm.evaluate.stage import comparison_table
 
     lines = [
         "# fuselm run report",

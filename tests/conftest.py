@@ -87,3 +87,18 @@ def base_config(tiny_models, corpus_dir) -> dict[str, Any]:
         # keep `fuselm run` in tests to a few optimiser steps
         "train": {"max_steps": 3, "seq_len": 128, "batch_size": 2},
     }
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (use with ``pytest.mark.usefixtures``).
+
+    Tiny models: thread start-up costs more than it saves, and on a busy 2-core machine
+    two spinning OpenMP threads per process slow a step down a hundredfold.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -8,7 +8,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from fuselm import chat
@@ -43,12 +42,7 @@ CONVS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -62,19 +62,6 @@ def test_inspect_runs_and_reports(base_config, write_config, capsys):
     assert {p["verdict"] for p in report["pairs"]} <= {"good", "usable", "poor"}
 
 
-def test_demo_runs_the_implemented_stages(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("FUSELM_CACHE", str(tmp_path / "cache"))
-    run_dir = tmp_path / "demo"
-    assert main(["demo", "--quick", "--run-dir", str(run_dir)]) == 0
-    assert Stage(run_dir, "prepare").manifest()["stats"]["blocks"] > 10
-    assert (tmp_path / "demo.yaml").exists()
-    out = capsys.readouterr().out
-    assert "fuselm status" in out and "bits per byte" in out
-    assert (run_dir / "report" / "report.md").exists()
-    assert Stage(run_dir, "report").manifest() is not None  # status: done
-    assert Stage(run_dir, "train/control").manifest()["stats"]["steps"] == 4
-
-
 def test_run_executes_implemented_stages_in_order(base_config, write_config, tmp_path):
     run_dir = tmp_path / "r"
     cfg = write_config(dict(base_config, run_dir=str(run_dir)))

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fuselm.artifacts import Stage, StageError
 from fuselm.cli import main
-from fuselm.evaluate import (
+from fuselm.evaluate.scoring import (
     BlockScore,
     aggregate,
     bits_per_byte,

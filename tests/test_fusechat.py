@@ -7,19 +7,12 @@ import re
 import shutil
 
 import pytest
-import torch
 import yaml
 
 from fuselm.cli import main
 from fuselm.testing import FIXTURE_TEXTS
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _man(run, sub):
@@ -112,7 +105,7 @@ def test_pairwise_then_merge_eval_report(tiny_models, tmp_path, capsys):
 def test_pairwise_needs_sources(tiny_models, tmp_path):
     from fuselm.artifacts import StageError
     from fuselm.config import load_config
-    from fuselm.train.stage import base_components, variant_names
+    from fuselm.train.variants import base_components, variant_names
 
     cfg = load_config(None, [f"target.model={tiny_models['bpe']}", "fuse.mode=pairwise"])
     assert variant_names(cfg) == ["control"]

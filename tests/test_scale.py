@@ -21,13 +21,7 @@ from fuselm.documents import iter_documents
 from fuselm.testing import FIXTURE_TEXTS
 from fuselm.train.trainer import STOP_ENV
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TRAIN = {

@@ -156,7 +156,7 @@ def test_sequence_level_uses_whole_block_ce():
 
 
 def test_fuse_sequence_ce_parameter():
-    # fuse.py's explicit per-block CE overrides the one from the aligned positions.
+    # fuselm.fuse's explicit per-block CE overrides the one from the aligned positions.
     ids = torch.tensor([[[1], [2]], [[3], [4]]])  # (S=2, T=2, K=1)
     lp = torch.zeros(2, 2, 1)
     valid = torch.ones(2, 2, dtype=torch.bool)

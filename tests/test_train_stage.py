@@ -18,15 +18,7 @@ from fuselm.cli import main
 from fuselm.testing import FIXTURE_TEXTS
 from fuselm.train.trainer import STOP_ENV, TrainingInterrupted
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: thread start-up costs more than it saves, and on a busy 2-core machine
-    two spinning OpenMP threads per process slow a step down a hundredfold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TRAIN = {

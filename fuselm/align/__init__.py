@@ -1,8 +1,9 @@
 """Align source LM predictions onto the target's positions and vocabulary (stage 3).
 
 Pure functions on arrays: no file I/O, no model loading. The align stage (``stage.py``,
-``fuselm align``) reads captures, calls these, and writes shards in the format of
-``store.py``, whose readers (``iter_aligned``, ``load_aligned``) are re-exported here.
+its per-block step in ``step.py``; ``fuselm align``) reads captures, calls these, and
+writes shards in the format of ``store.py``, whose readers (``iter_aligned``,
+``load_aligned``) are re-exported here.
 
 - ``surface``: what text each vocabulary entry stands for, per tokenizer family.
 - ``offsets``: token alignment from character offsets (exact, near-linear).

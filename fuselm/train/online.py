@@ -10,8 +10,8 @@ The per-block computation is the offline one, function for function, so that bot
 give identical fused targets (tested on the tiny fixtures):
 :class:`~fuselm.capture.runner.Capturer` (tokenize, forward, top-k, **encode** into the
 capture row, including the 1/64-nat quantisation) -> :func:`~fuselm.capture.storage.decode_row`
--> :func:`fuselm.align.stage.align_one` (same method choice as the align stage,
-:func:`fuselm.align.stage.choose_method`, same cached vocabulary maps) ->
+-> :func:`fuselm.align.step.align_one` (same method choice as the align stage,
+:func:`fuselm.align.step.choose_method`, same cached vocabulary maps) ->
 :func:`~fuselm.align.store.encode_aligned` / :func:`~fuselm.align.store.decode_aligned_row`
 (the align stage's own round trip, quantisation included) ->
 :func:`fuselm.train.data.build_examples` (join, fuse, fallback, rows).
@@ -72,7 +72,8 @@ class OnlineTeachers:
     def __init__(self, cfg: PipelineConfig, run_dir: str | Path, split: str = "train") -> None:
         """Load tokenizers and vocabulary maps (models load on first use)."""
         from fuselm.align.blocks import identity_map
-        from fuselm.align.stage import choose_method, load_or_build_vocab_map
+        from fuselm.align.stage import load_or_build_vocab_map
+        from fuselm.align.step import choose_method
         from fuselm.align.surface import vocab_surface
         from fuselm.capture.stage import plan_shards
         from fuselm.models import ensure_fast_tokenizer, load_tokenizer
@@ -179,7 +180,7 @@ class OnlineTeachers:
         """Align captured blocks (``{teacher: [CaptureBlock]}``) onto the target's tokens."""
         from fuselm.align import store
         from fuselm.align.blocks import Tokens, encode_target
-        from fuselm.align.stage import align_one
+        from fuselm.align.step import align_one
 
         own = next((t for t in self.teachers if t.is_target), None)
         if own is not None:  # the target's own capture gives its tokens, as in align

@@ -12,6 +12,10 @@ from its last checkpoint.
 Scale-out: every process of a ``torchrun`` / ``accelerate launch`` runs this; rank 0
 alone decides skip / resume / restart and writes the manifest, and the trainer splits
 every global batch across the processes.
+
+The variants' names, teachers and components (what makes one stale) are in
+:mod:`fuselm.train.variants`; the rows each variant trains on come from
+:mod:`fuselm.train.inputs`.
 """
 
 from __future__ import annotations
@@ -24,24 +28,21 @@ from typing import Any
 from fuselm.artifacts import Stage, StageError, fingerprint
 from fuselm.config import PipelineConfig, to_dict
 from fuselm.train.data import (
-    FusionSpec,
     TrainDataError,
-    build_examples,
-    join_sources,
 )
+from fuselm.train.inputs import _gathered_fusion, _load_data
 from fuselm.train.online import OnlineTeachers
 from fuselm.train.step import TrainSettings, cpu_only
-from fuselm.train.stream import AlignedShards, StreamingExamples, merge_fusion_stats
+from fuselm.train.stream import StreamingExamples
 from fuselm.train.trainer import CHECKPOINTS, LOG_FILE, MODEL_DIR, Trainer
+from fuselm.train.variants import (
+    base_components,
+    variant_components,
+    variant_names,
+    variant_teachers,
+)
 
 log = logging.getLogger("fuselm.train")
-
-FORMAT_VERSION = 1
-VARIANTS = ("fused", "control")
-PAIR_PREFIX = "pair-"  # pairwise targets (fuse.mode: pairwise): train/pair-<source>
-# Train settings that only shape the fusion term: the control's identity leaves them out,
-# so that changing them does not make the control stale.
-_FUSION_ONLY = ("clm_weight", "fusion_loss", "temperature", "tail_bucket")
 
 
 def run_train(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict[str, Any]:
@@ -94,88 +95,6 @@ def run_train(cfg: PipelineConfig, run_dir: Path, force: bool = False) -> dict[s
     }
 
 
-def variant_names(cfg: PipelineConfig) -> list[str]:
-    """The variants ``fuselm train`` trains under this config, in order.
-
-    ``fuse.mode``: ``multi`` = ``fused`` (all teachers at once, FuseLLM); ``pairwise`` = one
-    ``pair-<source>`` per source (the pivot target + that source, FuseChat), to be merged
-    by ``fuselm merge``; ``both`` = all of them. ``control`` when ``eval.control``.
-    """
-    out = []
-    if cfg.fuse.mode in ("multi", "both"):
-        out.append("fused")
-    if cfg.fuse.mode in ("pairwise", "both"):
-        out += [f"{PAIR_PREFIX}{m.resolved_name()}" for m in cfg.sources]
-    return out + (["control"] if cfg.eval.control else [])
-
-
-def variant_teachers(cfg: PipelineConfig, variant: str) -> list[str]:
-    """The teachers a variant fuses: all for ``fused``, pivot + one source for a pair."""
-    names = [m.resolved_name() for m in cfg.teachers()]
-    if not variant.startswith(PAIR_PREFIX):
-        return names
-    source = variant[len(PAIR_PREFIX) :]
-    if source not in [m.resolved_name() for m in cfg.sources]:
-        raise StageError(
-            f"train: variant {variant} names no configured source '{source}' "
-            f"(sources: {', '.join(m.resolved_name() for m in cfg.sources) or 'none'})"
-        )
-    own = [cfg.target.resolved_name()] if cfg.target.as_source else []
-    return own + [source]
-
-
-def base_components(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
-    """What both variants depend on; checks the inputs on the way.
-
-    Raises:
-        StageError: no target or teachers, an unfinished alignment, an alignment made
-            for another target vocabulary, or an unsupported ``fuse.ce_unit``.
-    """
-    from fuselm.models import model_identity, tokenizer_identity
-
-    if not cfg.target.model:
-        raise StageError("train: no target configured; set target.model")
-    teachers = [m.resolved_name() for m in cfg.teachers()]
-    if not teachers:
-        raise StageError(
-            "train: no teachers: set sources (and/or target.as_source); fusion needs at least "
-            "one aligned source"
-        )
-    if cfg.fuse.mode != "multi" and not cfg.sources:
-        raise StageError(
-            f"train: fuse.mode: {cfg.fuse.mode} trains one copy of the target per source, "
-            "but no sources are configured; add sources or use fuse.mode: multi"
-        )
-    if cfg.fuse.ce_unit != "byte":
-        raise StageError(
-            "fuse.ce_unit: the align records count the text each prediction covers in bytes "
-            "only; use fuse.ce_unit: byte"
-        )
-    tok_digest = tokenizer_identity(cfg.target)
-    if cfg.capture.mode == "online":  # no capture/align artifacts: the teachers themselves
-        from fuselm.train.online import online_components
-
-        prep = Stage(run_dir, "prepare").manifest()
-        if prep is None:
-            raise StageError(f"train: {run_dir}/prepare is not finished; run `fuselm prepare`")
-        return {
-            "format": FORMAT_VERSION,
-            **online_components(cfg, prep["fingerprint"]),
-            "target": model_identity(cfg.target),
-            "target_tokenizer": tok_digest,
-        }
-    align_mans = {name: _align_manifest(run_dir, name) for name in teachers}
-    _check_target_vocab(cfg, run_dir, align_mans, tok_digest)
-    prep = Stage(run_dir, "prepare").manifest() or {}
-    return {
-        "format": FORMAT_VERSION,
-        "prepare": prep.get("fingerprint"),
-        "align": {n: man["fingerprint"] for n, man in align_mans.items()},
-        "target": model_identity(cfg.target),
-        "target_tokenizer": tok_digest,
-    }
-
-
 def current_components(cfg: PipelineConfig, run_dir: Path, variant: str) -> dict[str, Any] | None:
     """A variant's components under the current config (for ``fuselm status``), or None.
 
@@ -186,43 +105,6 @@ def current_components(cfg: PipelineConfig, run_dir: Path, variant: str) -> dict
         return variant_components(cfg, variant, base_components(cfg, Path(run_dir)))
     except StageError:
         return None
-
-
-def variant_components(cfg: PipelineConfig, variant: str, base: dict[str, Any]) -> dict[str, Any]:
-    """Everything a variant's model depends on (its fingerprint is the stage identity).
-
-    Left out on purpose: the number of processes and the device (they change speed and
-    floating-point noise, not the objective: every step is the token-weighted mean over
-    the same global batch, see :mod:`fuselm.train.trainer`), and ``save_steps``.
-    """
-    train = {k: v for k, v in to_dict(cfg.train).items() if k != "save_steps"}
-    if variant == "control":
-        # The control's rows are the blocks' target token ids: they follow from the
-        # prepared blocks and the target's tokenizer and BOS policy, never from a teacher,
-        # so a changed source or alignment setting must not make the control stale.
-        train = {k: v for k, v in train.items() if k not in _FUSION_ONLY}
-        own = {k: v for k, v in base.items() if k != "align"}
-        return {
-            **own,
-            "target_bos": cfg.target.bos,
-            "variant": variant,
-            "train": train,
-            "clm_weight": 1.0,
-        }
-    teachers = variant_teachers(cfg, variant)
-    fuse = {k: v for k, v in to_dict(cfg.fuse).items() if k != "mode"}  # mode: which variants
-    # A pair depends on its own teachers' alignments only: re-aligning another source
-    # leaves it up to date.
-    align = {n: fp for n, fp in base["align"].items() if n in teachers}
-    return {
-        **base,
-        "align": align,
-        "variant": variant,
-        "train": train,
-        "fuse": fuse,
-        "fallback": cfg.align.fallback,
-        "teachers": teachers,
-    }
 
 
 def train_variant(
@@ -331,43 +213,6 @@ def train_variant(
 # --------------------------------------------------------------------------- helpers
 
 
-def _align_manifest(run_dir: Path, name: str) -> dict[str, Any]:
-    man = Stage(run_dir, f"align/{name}").manifest()
-    if man is None:
-        raise StageError(
-            f"train: {run_dir / 'align' / name} is not finished; run `fuselm align` first"
-        )
-    return man
-
-
-def _check_target_vocab(
-    cfg: PipelineConfig, run_dir: Path, align_mans: dict[str, Any], digest: str
-) -> None:
-    """Refuse alignments made for another target tokenizer, naming both fingerprints.
-
-    The align manifest identifies the target either by its capture (when the target is
-    also a source; that capture records the tokenizer digest) or by the digest itself.
-    """
-    for name, man in align_mans.items():
-        target = man.get("components", {}).get("target")
-        aligned = None
-        if isinstance(target, dict):
-            aligned = target.get("tokenizer")
-        elif isinstance(target, str):  # fingerprint of the target's capture
-            cap = Stage(run_dir, f"capture/{cfg.target.resolved_name()}").manifest() or {}
-            if cap.get("fingerprint") == target:
-                aligned = cap.get("components", {}).get("tokenizer")
-            else:
-                aligned = f"(target capture {target}, no longer in the run dir)"
-        if aligned != digest:
-            raise StageError(
-                f"train: teacher '{name}' was aligned for a target vocabulary with tokenizer "
-                f"fingerprint {aligned}, but the configured target "
-                f"'{cfg.target.resolved_name()}' has {digest}; re-run `fuselm capture` and "
-                "`fuselm align` for this target (with --force)"
-            )
-
-
 def _begin(
     stage: Stage, cfg: PipelineConfig, variant: str, components: dict[str, Any], force: bool
 ) -> str:
@@ -419,99 +264,6 @@ def _broadcast(state: Any, obj: dict[str, Any]) -> dict[str, Any]:
     box = [obj]
     broadcast_object_list(box, from_process=0)
     return box[0]
-
-
-def _fusion_spec(cfg: PipelineConfig) -> FusionSpec:
-    return FusionSpec(
-        function=cfg.fuse.function,
-        level=cfg.fuse.level,
-        fallback=cfg.align.fallback,
-        # Not a FuseConfig field yet; picked up as soon as it is added.
-        max_k=int(getattr(cfg.fuse, "max_k", 0) or 0),
-        avg_weighting=cfg.fuse.avg_weighting,
-        avg_temperature=cfg.fuse.avg_temperature,
-    )
-
-
-def _stream_data(
-    cfg: PipelineConfig, run_dir: Path, teachers: list[str], variants: list[str]
-) -> dict[str, StreamingExamples]:
-    """Streaming sources of rows for every variant (offline shards or online teachers).
-
-    One reader serves all variants; a pairwise variant fuses only its own teachers' blocks.
-    """
-    try:
-        if cfg.capture.mode == "online":
-            reader: Any = OnlineTeachers(cfg, run_dir, "train")
-        else:
-            reader = AlignedShards(run_dir, teachers, "train", cache=2 * cfg.train.shuffle_shards)
-        out = {
-            variant: StreamingExamples(
-                reader,
-                teachers if variant == "control" else variant_teachers(cfg, variant),
-                None if variant == "control" else _fusion_spec(cfg),
-                cfg.train.seq_len,
-                cfg.train.shuffle_shards,
-            )
-            for variant in variants
-        }
-    except TrainDataError as e:
-        raise StageError(f"train: {e}") from None
-    if not len(next(iter(out.values()))):
-        raise StageError("train: the training split has no block with two or more tokens")
-    return out
-
-
-def _gathered_fusion(state: Any, data: StreamingExamples, teachers: list[str]) -> Any:
-    """The fusion counts of all processes, summed (each fused its own rows' blocks)."""
-    from dataclasses import asdict
-
-    mine = asdict(data.fusion)
-    parts = [mine]
-    if state.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        parts = gather_object([mine])
-    return merge_fusion_stats(parts, teachers)
-
-
-def _load_data(
-    cfg: PipelineConfig, run_dir: Path, teachers: list[str], variants: list[str]
-) -> dict[str, Any]:
-    """Join, fuse and cut the training split: rows for every variant.
-
-    Every alignment is read once; a pairwise variant fuses the pivot's and one source's
-    records out of the same join (no capture or alignment is redone per pair).
-    """
-    from fuselm.align.store import load_aligned
-
-    if cfg.train.streaming or cfg.capture.mode == "online":
-        return _stream_data(cfg, run_dir, teachers, variants)
-    sources = {n: load_aligned(run_dir, n, "train") for n in teachers}
-    try:
-        joined = join_sources(sources, split="train")
-        spec = _fusion_spec(cfg)
-        out: dict[str, Any] = {}
-        for variant in variants:
-            if variant == "control":
-                out[variant] = build_examples(joined, teachers, None, cfg.train.seq_len)
-                continue
-            mine = variant_teachers(cfg, variant)
-            pick = [teachers.index(n) for n in mine]
-            sub = [(h, [blocks[i] for i in pick]) for h, blocks in joined]
-            out[variant] = build_examples(sub, mine, spec, cfg.train.seq_len)
-    except TrainDataError as e:
-        raise StageError(f"train: {e}") from None
-    first = next(iter(out.values()))
-    if not first.examples:
-        raise StageError("train: the training split has no block with two or more tokens")
-    if first.split_blocks:
-        log.info(
-            "train: %d blocks longer than train.seq_len=%d were split into overlapping rows",
-            first.split_blocks,
-            cfg.train.seq_len,
-        )
-    return out
 
 
 def _checkpoint_dtype(config: Any) -> Any:

@@ -1,47 +1,34 @@
-"""The run-directory contract: manifests, fingerprints, atomic shards, stage status.
+"""Stages in a run directory: fingerprints, manifests, skip / resume / refuse, status.
 
-Stages never talk to each other in memory; they talk through ``<run_dir>/<stage>/``. Why:
-a capture of a 7B source can take days, so every stage must be resumable, skippable when
-nothing changed, and refuse to reuse output that no longer matches its inputs.
-
-Layout of one stage directory::
-
-    <run_dir>/<stage>/
-        _pending.json       written first: fingerprint + planned shards (a run in progress)
-        <shard>.parquet     written to a temporary name, then renamed (never half-written)
-        config.json         the resolved stage configuration
-        manifest.json       written LAST: its presence means the stage finished
-
-A stage name may have one level of nesting (``capture/<source>``). The manifest holds the
-fingerprint of everything the output depends on (input manifests, model and tokenizer
-digests, the stage config, the library version) and the *components* of that fingerprint,
-so that a mismatch can be reported field by field.
+Why a module of its own: this is the *contract* between stages (what a finished stage
+is, what its output depends on, when it may be reused and how a mismatch is reported
+field by field); the file mechanics it relies on (atomic writes, the run-dir lock) are in
+:mod:`fuselm.artifacts.files`. The layout of a stage directory is in the package
+docstring (:mod:`fuselm.artifacts`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
-import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fuselm import __version__, faults
+from fuselm import __version__
+from fuselm.artifacts.files import (
+    StageError,
+    atomic_write_json,
+    read_json,
+    remove_stale_temporaries,
+    write_parquet_atomic,
+)
 
 MANIFEST = "manifest.json"
 PENDING = "_pending.json"
-RUN_MARKER = "fuselm-run.json"
-LOCK = ".lock"
-TMP_MARK = ".tmp-"  # temporaries are ".<final name>.tmp-<pid>"
-
-
-class StageError(RuntimeError):
-    """A stage cannot run or cannot reuse its output; the message says what to do."""
 
 
 # --------------------------------------------------------------------------- hashing
@@ -90,140 +77,6 @@ def tokenizer_digest(tokenizer: Any) -> str:
     return fingerprint(parts)
 
 
-# --------------------------------------------------------------------------- atomic writes
-
-
-@contextlib.contextmanager
-def _atomic_target(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success fsync it and rename it over.
-
-    The temporary name carries the process id, so several processes may write different
-    files of one stage; a failed write leaves neither a temporary nor a partial file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        faults.point(f"tmp {path}")
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)  # the rename itself survives a power cut, not only a kill
-        faults.point(f"done {path}")
-    except OSError as e:
-        # Disk full, quota, read-only or permission: say which file, and that nothing
-        # partial was kept (the temporary is removed below), so a rerun resumes cleanly.
-        why = e.strerror or str(e) or type(e).__name__
-        hint = (
-            "free some space (or use a --run-dir on a larger disk)"
-            if e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
-            else "fix the cause"
-        )
-        raise StageError(
-            f"cannot write {path}: {why}. Nothing partial was kept; {hint} and rerun the same "
-            "command: finished shards are kept and the stage resumes"
-        ) from e
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def remove_stale_temporaries(folder: Path, recursive: bool = False) -> list[Path]:
-    """Delete temporaries (``.<name>.tmp-<pid>``) left in ``folder`` by dead processes.
-
-    A process killed between writing a temporary and renaming it leaves the temporary
-    behind; it is never a final file, so deleting it loses nothing. Temporaries of live
-    processes (other ranks of a multi-process capture) are kept.
-    """
-    removed: list[Path] = []
-    if not Path(folder).is_dir():
-        return removed
-    for p in Path(folder).rglob(f"*{TMP_MARK}*") if recursive else Path(folder).iterdir():
-        if not p.is_file() or TMP_MARK not in p.name:
-            continue
-        pid = p.name.rsplit(TMP_MARK, 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-            removed.append(p)
-    return removed
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file + fsync + rename (all or nothing)."""
-    with _atomic_target(Path(path)) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_parquet_atomic(path: Path, table: Any, **options: Any) -> Path:
-    """Write a ``pyarrow.Table`` to ``path`` atomically (temporary file + fsync + rename).
-
-    Accepts any ``pyarrow.parquet.write_table`` options (compression level, per-column
-    dictionaries/statistics).
-    """
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    with _atomic_target(path) as tmp:
-        pq.write_table(table, tmp, **options)
-    return path
-
-
-def read_shard_metadata(
-    path: str | Path, meta_key: bytes, version: int, stage: str, error: type[Exception]
-) -> dict[str, Any]:
-    """The JSON format metadata a stage stores in its Parquet shards' schema, checked.
-
-    Args:
-        path: the shard.
-        meta_key: the schema metadata key holding the JSON.
-        version: the format version this code reads.
-        stage: the stage name for messages (``capture``, ``align``).
-        error: the exception type to raise.
-
-    Raises:
-        error: not a shard of this stage, or written in another format version.
-    """
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(path).metadata or {}
-    if meta_key not in meta:
-        raise error(f"{path} is not a fuselm {stage} shard (no {meta_key!r} metadata)")
-    info = json.loads(meta[meta_key])
-    if info.get("format") != version:
-        raise error(
-            f"{path}: {stage} format {info.get('format')} is not {version}; "
-            f"re-run `fuselm {stage} --force` with this version"
-        )
-    return info
-
-
-def read_json(path: Path) -> Any:
-    """Read a JSON file, turning corruption into a StageError that names the file."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise StageError(
-            f"{path} is unreadable ({e}); delete it to redo the stage that wrote it"
-        ) from e
-
-
 # --------------------------------------------------------------------------- fingerprints
 
 
@@ -243,75 +96,6 @@ def diff_components(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str 
 def _short(v: Any, n: int = 60) -> str:
     s = canonical_json(v)
     return s if len(s) <= n else s[: n - 3] + "..."
-
-
-# --------------------------------------------------------------------------- run dir
-
-
-def ensure_run_dir(run_dir: Path) -> None:
-    """Create or validate a run directory.
-
-    A run directory is marked by ``fuselm-run.json``. A non-empty directory without it is
-    refused rather than written into: it probably holds someone else's files.
-    """
-    run_dir = Path(run_dir)
-    marker = run_dir / RUN_MARKER
-    if run_dir.exists() and not run_dir.is_dir():
-        raise StageError(f"run dir {run_dir} is a file; pass a directory path with --run-dir")
-    if run_dir.is_dir() and not marker.exists():
-        if any(p.name != LOCK for p in run_dir.iterdir()):
-            raise StageError(
-                f"run dir {run_dir} is not empty and is not a fuselm run directory "
-                f"(no {RUN_MARKER}); choose a new or empty directory with --run-dir"
-            )
-    if not marker.exists():
-        atomic_write_json(marker, {"created": time.time(), "fuselm_version": __version__})
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on a run directory for the duration of a command.
-
-    The lock file holds the owner's pid; a lock whose process is gone is taken over, so a
-    killed run never blocks the next one.
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / LOCK
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or "0")
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _pid_alive(pid):
-                raise StageError(
-                    f"run dir {run_dir} is in use by process {pid} ({lock}); wait for it to "
-                    "finish or use another --run-dir"
-                ) from None
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()  # stale: its owner died
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        break
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------- stages
