@@ -273,3 +273,18 @@ def save_tiny_model(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+#: Stage folders of a finished multi-mode run of a target named ``tgt`` and one source named
+#: ``spm`` with the control (the tiny two-model run several tests build), in stage order.
+TINY_RUN_STAGES = (
+    "prepare",
+    "capture/tgt",
+    "capture/spm",
+    "align/tgt",
+    "align/spm",
+    "train/fused",
+    "train/control",
+    "eval",
+    "report",
+)

@@ -6,18 +6,9 @@ import json
 
 from fuselm.artifacts import Stage
 from fuselm.cli import main
+from fuselm.testing import TINY_RUN_STAGES
 
-STAGE_DIRS = [
-    "prepare",
-    "capture/tgt",
-    "capture/spm",
-    "align/tgt",
-    "align/spm",
-    "train/fused",
-    "train/control",
-    "eval",
-    "report",
-]
+STAGE_DIRS = list(TINY_RUN_STAGES)
 
 
 def _mtimes(run_dir):

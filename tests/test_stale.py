@@ -12,18 +12,9 @@ import pytest
 import yaml
 
 from fuselm.cli import main
+from fuselm.testing import TINY_RUN_STAGES
 
-ALL = {
-    "prepare",
-    "capture/tgt",
-    "capture/spm",
-    "align/tgt",
-    "align/spm",
-    "train/fused",
-    "train/control",
-    "eval",
-    "report",
-}
+ALL = set(TINY_RUN_STAGES)
 
 
 @pytest.fixture(scope="module")

@@ -237,14 +237,9 @@ def iter_shard(path: str | Path) -> Iterator[AlignedBlock]:
 
 def align_manifest(run_dir: str | Path, source: str) -> dict[str, Any]:
     """The finished align manifest of one source (raises if the stage is unfinished)."""
-    from fuselm.artifacts import Stage, StageError
+    from fuselm.artifacts import Stage
 
-    man = Stage(run_dir, f"align/{source}").manifest()
-    if man is None:
-        raise StageError(
-            f"{Path(run_dir) / 'align' / source} is not finished; run `fuselm align` first"
-        )
-    return man
+    return Stage(run_dir, f"align/{source}").finished_manifest("fuselm align")
 
 
 def aligned_shards(run_dir: str | Path, source: str, split: str | None = None) -> list[Path]:

@@ -134,6 +134,16 @@ class Stage:
         self._shards: list[str] = []
 
     # ---- reading
+    def finished_manifest(self, command: str) -> dict[str, Any]:
+        """The manifest of a finished stage, or a StageError saying which command makes it.
+
+        For readers of another stage's output: an unfinished stage is never read.
+        """
+        man = self.manifest()
+        if man is None:
+            raise StageError(f"{self.path} is not finished; run `{command}` first")
+        return man
+
     def manifest(self) -> dict[str, Any] | None:
         """The finished stage's manifest, or None while the stage is not finished."""
         p = self.path / MANIFEST

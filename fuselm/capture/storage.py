@@ -349,14 +349,9 @@ def shard_positions(path: str | Path) -> tuple[int, int, int]:
 
 def capture_manifest(run_dir: str | Path, source: str) -> dict[str, Any]:
     """The finished capture manifest of one source (raises if the capture is unfinished)."""
-    from fuselm.artifacts import Stage, StageError
+    from fuselm.artifacts import Stage
 
-    man = Stage(run_dir, f"capture/{source}").manifest()
-    if man is None:
-        raise StageError(
-            f"{Path(run_dir) / 'capture' / source} is not finished; run `fuselm capture` first"
-        )
-    return man
+    return Stage(run_dir, f"capture/{source}").finished_manifest("fuselm capture")
 
 
 def capture_shards(run_dir: str | Path, source: str, split: str | None = None) -> list[Path]:
