@@ -3,6 +3,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -98,23 +100,79 @@ def test_foreign_directory_is_refused(tmp_path):
     assert (fresh / "fuselm-run.json").exists()
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+# A process that takes the run-dir lock, says so, then waits (or, with a start file, waits
+# for it first so that several start at the same moment, and reports whether it got it).
+_HOLDER = """
+import os, sys, time
+from pathlib import Path
+from fuselm.artifacts import StageError, run_lock
+run_dir, start, hold = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+while start and not os.path.exists(start):
+    time.sleep(0.001)
+try:
+    with run_lock(run_dir):
+        print("got", flush=True)
+        time.sleep(hold)
+except StageError as e:
+    print("refused", e, flush=True)
+"""
+
+
+def _holder(run_dir: Path, start: str = "", hold: float = 60) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    args = [sys.executable, "-c", _HOLDER, str(run_dir), start, str(hold)]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
 def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
     with run_lock(tmp_path):
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
     assert not (tmp_path / ".lock").exists()
-    # a live process holds the lock
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    holder = _holder(tmp_path)
     try:
-        (tmp_path / ".lock").write_text(str(sleeper.pid))
-        with pytest.raises(StageError, match=f"in use by process {sleeper.pid}"):
+        assert holder.stdout.readline().strip() == "got"
+        with pytest.raises(StageError, match=f"in use by process {holder.pid}"):
             with run_lock(tmp_path):
                 pass
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    # its owner is dead now: the stale lock is taken over
-    with run_lock(tmp_path):
+        holder.kill()  # SIGKILL: no cleanup runs, the lock file stays behind
+        holder.wait()
+    assert (tmp_path / ".lock").read_text() == str(holder.pid)
+    with run_lock(tmp_path):  # its owner is dead: the kernel dropped the lock
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_lock_held_before_its_pid_is_written_is_still_held(tmp_path):
+    """The race a pid file loses: the holder created the file but wrote no pid yet."""
+    import fcntl
+
+    fd = os.open(tmp_path / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(StageError, match="in use by another process"):
+            with run_lock(tmp_path):
+                pass
+        assert (tmp_path / ".lock").read_text() == ""  # not taken over, not rewritten
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_lock_has_one_winner_among_simultaneous_starts(tmp_path):
+    start = tmp_path / "go"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".lock").write_text("999999999")  # a stale lock from a dead process
+    procs = [_holder(run_dir, str(start), hold=3) for _ in range(6)]
+    time.sleep(1.5)  # let every interpreter start and poll for the start file
+    start.write_text("")
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert sorted(o.split()[0] for o in outs) == ["got"] + ["refused"] * 5, outs
+    assert not (run_dir / ".lock").exists()
 
 
 def test_corrupt_manifest_names_the_file(tmp_path):

@@ -132,6 +132,7 @@ class Ctx:
     def __init__(self, tmp: Path, kit: dict[str, Any]) -> None:
         self.tmp, self.kit = tmp, kit
         self.run = tmp / "run"
+        self.cleanups: list[Any] = []  # run after the case, pass or fail
 
     def config(self, **sections: Any) -> dict[str, Any]:
         cfg: dict[str, Any] = {
@@ -453,8 +454,15 @@ def _(c: Ctx):
 
 @case("run-dir-in-use")
 def _(c: Ctx):
+    import fcntl
+
     c.run.mkdir()
-    (c.run / ".lock").write_text(str(os.getppid()))  # a live process that is not us
+    # Held as another process would hold it: flock through a descriptor of our own, the
+    # pid of a live process that is not us in the file.
+    fd = os.open(c.run / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    c.cleanups.append(lambda: os.close(fd))
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, str(os.getppid()).encode())
     return c.stage("prepare", c.config())
 
 
@@ -477,10 +485,14 @@ def test_readme_links_the_table():
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 def test_bad_input(row: Row, kit, tmp_path, capsys):
     c = Ctx(tmp_path, kit)
-    argv = BUILDERS[row.id](c)
-    capsys.readouterr()
-    code = main(argv)
-    out = capsys.readouterr()
+    try:
+        argv = BUILDERS[row.id](c)
+        capsys.readouterr()
+        code = main(argv)
+        out = capsys.readouterr()
+    finally:
+        for cleanup in c.cleanups:
+            cleanup()
     seen = out.err + out.out
     assert code == row.exit, seen
     assert "Traceback" not in seen

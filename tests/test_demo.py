@@ -104,12 +104,19 @@ def test_demo_config_is_a_valid_pipeline(tmp_path):
 
 
 def test_choose_threads(monkeypatch):
+    import psutil
+
     assert demo.choose_threads(3) == 3
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 4)
+    # The busy share of the CPU now decides, not the lagging load average: an install
+    # that just finished (load 3.2) must not cost the demo its threads.
     monkeypatch.setattr(demo.os, "getloadavg", lambda: (3.2, 0, 0))
-    assert demo.choose_threads() == 1
-    monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.1, 0, 0))
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval: 2.0)
     assert demo.choose_threads() == 4
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval: 80.0)  # 3.2 of 4 cores
+    assert demo.choose_threads() == 1
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval: 30.0)  # 1.2 busy
+    assert demo.choose_threads() == 3
 
 
 def test_verdicts_and_closing_note():

@@ -190,12 +190,91 @@ def ensure_run_dir(run_dir: Path) -> None:
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on a run directory for the duration of a command.
 
-    The lock file holds the owner's pid; a lock whose process is gone is taken over, so a
-    killed run never blocks the next one.
+    Why ``flock`` on ``<run_dir>/.lock``: the kernel drops the lock when its holder dies
+    (``kill -9`` included), so a killed run never blocks the next one, and two commands
+    started in the same millisecond cannot both get it. A pid file alone cannot promise
+    that: deciding "stale" from the pid it holds, then deleting and recreating the file,
+    races with another process doing the same, or with one that has created the file but
+    not yet written its pid. The pid in the file is only for the message. Where ``flock``
+    does not exist (Windows) or the file system refuses it, the pid file is the lock
+    (``_pid_file_lock``), with those races.
+
+    Raises:
+        StageError: another live process holds the lock (its pid is named when known).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK
+    try:
+        import fcntl
+    except ImportError:  # not on Unix
+        fcntl = None  # type: ignore[assignment]
+    fd = _flock(lock, fcntl) if fcntl is not None else None
+    if fd is None:
+        with _pid_file_lock(run_dir, lock):
+            yield
+        return
+    try:
+        yield
+    finally:
+        # Unlink while still holding the lock: a process that opened the old file meanwhile
+        # sees, after its flock, that the path no longer names that file and retries.
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+        os.close(fd)
+
+
+def _flock(lock: Path, fcntl: Any) -> int | None:
+    """Take ``flock`` on ``lock`` and write our pid into it.
+
+    Returns:
+        The open descriptor (the lock lasts while it is open), or None if the file system
+        does not support ``flock``.
+    """
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            holder = f"process {pid}" if pid else "another process"
+            raise StageError(
+                f"run dir {lock.parent} is in use by {holder} ({lock}); wait for it to "
+                "finish or use another --run-dir"
+            ) from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                return None
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its previous holder removed it between our open and our flock
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        return fd
+
+
+def _read_pid(fd: int) -> int:
+    """The pid a lock file holds (0 if it holds none yet)."""
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or "0")
+    except (OSError, ValueError):
+        return 0
+
+
+@contextlib.contextmanager
+def _pid_file_lock(run_dir: Path, lock: Path) -> Iterator[None]:
+    """The fallback lock without ``flock``: a pid file created with ``O_EXCL``.
+
+    It is taken over when its process is gone; two processes racing for a stale lock can
+    both win, which is why ``flock`` is preferred.
+    """
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -33,7 +33,14 @@ from fuselm.demo.corpus import (
     write_corpus,
 )
 
-__all__ = ["EXPERTS", "demo_config", "choose_threads", "prepare_demo", "quick_documents"]
+__all__ = [
+    "EXPERTS",
+    "busy_cores",
+    "choose_threads",
+    "demo_config",
+    "prepare_demo",
+    "quick_documents",
+]
 
 VALIDATION_FRACTION = 0.25
 SEED = 0  # corpus.seed: fixes which documents are held out (by a hash of seed + id)
@@ -49,11 +56,27 @@ def choose_threads(requested: int = 0) -> int:
     if requested > 0:
         return requested
     cores = os.cpu_count() or 1
+    return max(1, min(cores, int(cores - busy_cores() + 0.5)))
+
+
+def busy_cores(window: float = 0.5) -> float:
+    """How many cores other processes keep busy now, sampled over ``window`` seconds.
+
+    Why not the load average: it is a one-minute moving average, so right after the
+    README's ``pip install ... && fuselm demo`` it still counts the finished install as a
+    busy core. The demo then ran on 1 thread of an idle 2-core machine and took 22.6
+    instead of about 17 minutes. The load average is only the fallback without psutil.
+    """
     try:
-        busy = os.getloadavg()[0]
+        import psutil
+
+        return psutil.cpu_percent(interval=window) / 100.0 * (os.cpu_count() or 1)
+    except (ImportError, OSError):
+        pass
+    try:
+        return os.getloadavg()[0]
     except (OSError, AttributeError):  # not on Unix
-        busy = 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
+        return 0.0
 
 
 def _split(docs: list[DemoDocument]) -> dict[str, bool]:
@@ -84,9 +107,9 @@ def demo_config(
 
     Budget (CPU): fused and control each train ``max_steps`` steps of 4 rows of at most 256
     target tokens: 20 steps read 80 of the 103 training blocks once, which keeps the first
-    run (experts included) under 20 minutes on an idle 2-core machine. Every model reads text without a
-    BOS token: SmolLM2's GGUF names ``<|im_start|>`` as BOS, a chat marker that makes plain
-    text score worse.
+    run (experts included) under 20 minutes on an idle 2-core machine. Every model reads
+    text without a BOS token: SmolLM2's GGUF names ``<|im_start|>`` as BOS, a chat marker
+    that makes plain text score worse.
     """
     plain = {"bos": "none", "dtype": "float32", "device": "cpu"}
     cfg: dict[str, Any] = {
