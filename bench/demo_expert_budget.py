@@ -1,6 +1,6 @@
 """How many training steps does each demo expert need to beat SmolLM2 on its own domain?
 
-    python bench/demo_expert_budget.py --run-dir RUN [--steps 16 20 24] [--threads 2]
+    python bench/demo_expert_budget.py --run-dir RUN [--steps 16 20 32] [--threads 2]
 
 Why: the demo's first run must fit in 20 minutes on a 2-core CPU, and the two expert
 trainings are its largest cost (about 8.6 s per 4 x 256-token step). Fewer steps are only
@@ -46,7 +46,7 @@ def _score(model_dir: Path, blocks: list[dict], name: str) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", required=True, help="a finished `fuselm demo` run (its prepare)")
-    ap.add_argument("--steps", type=int, nargs="+", default=[16, 20, 24])
+    ap.add_argument("--steps", type=int, nargs="+", default=[16, 20, 32])
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
 

