@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -353,7 +354,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from fuselm.demo import choose_threads, prepare_demo
-    from fuselm.demo.summary import load_results, summary_lines, write_section
+    from fuselm.demo.summary import load_results, summary_lines, write_demo_record
     from fuselm.experts import expert_info
 
     t0 = time.time()
@@ -368,8 +369,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     cfg_path, models = prepare_demo(run_dir, quick=args.quick)
     print(f"demo: models ready after {time.time() - t0:.0f} s")
-    args.config, args.overrides = str(cfg_path), []
-    code = _run_stages(list(STAGES), args)
     experts = {}
     for name, path in models.experts.items():
         info, spec = expert_info(path) or {}, models.specs[name]
@@ -379,8 +378,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "steps": spec.steps,
             "tokens_seen": info.get("tokens_seen", 0),
         }
+    # Before the pipeline, so that its report stage writes the demo's section too.
+    ensure_run_dir(run_dir)
+    with run_lock(run_dir):
+        write_demo_record(run_dir, experts)
+    args.config, args.overrides = str(cfg_path), []
+    code = _run_stages(list(STAGES), args)
+    if code != 0:
+        return code
     lines = summary_lines(load_results(run_dir), run_dir, experts)
-    report = write_section(run_dir, lines)
+    report = run_dir / "report" / "report.md"
     print("\n" + "\n".join(lines))
     plots = sorted(str(p) for p in report.parent.glob("*.png"))
     print(f"\nreport: {report}\nplots: " + ", ".join(plots))
@@ -529,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fuselm`` console script; returns the process exit code."""
     parser = build_parser()
@@ -544,6 +554,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    pos = getattr(args, "run_dir_pos", None)
+    if pos and _OVERRIDE.match(pos) and not Path(pos).exists():
+        # `fuselm report -c run.yaml train.max_steps=4`: argparse filled the optional
+        # RUN_DIR with the first override; it is one, not a folder to report on.
+        args.run_dir_pos, args.overrides = None, [pos, *args.overrides]
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="fuselm %(levelname).1s %(message)s",

@@ -361,6 +361,10 @@ def run_report(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
             "![source selection](source_selection.png)",
             *selection_by_domain(Path(run_dir)),
         ]
+    from fuselm.demo.summary import report_section
+
+    demo = report_section(Path(run_dir), results)
+    lines += ["", *demo] if demo else []
     text = "\n".join(lines) + "\n"
     atomic_write_bytes(out / "report.md", text.encode("utf-8"))
     # A manifest like every stage's, so `fuselm status` shows the report as done; the

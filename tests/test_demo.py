@@ -184,3 +184,17 @@ def test_demo_quick_end_to_end_with_stand_in_assets(tiny_assets, tmp_path, capsy
     assert main(["demo", "--quick", "--threads", "1", "--run-dir", str(run_dir)]) == 0
     assert (expert / "fuselm-expert.json").stat().st_mtime_ns == marker
     assert text.count(SECTION) == 1 and report.read_text().count(SECTION) == 1
+    # Training longer with the demo's config and rerunning eval and report (as the README
+    # shows) keeps the demo's section (demo.json), now with the new budget.
+    cfg = tmp_path / "demo.yaml"
+    assert main(["train", "-c", str(cfg), "train.max_steps=4", "--force"]) == 0
+    assert main(["eval", "-c", str(cfg), "train.max_steps=4", "--force"]) == 0
+    assert main(["report", "-c", str(cfg), "train.max_steps=4"]) == 0
+    again = report.read_text()
+    assert again.count(SECTION) == 1 and "expert shakespeare-gpt2" in again
+    assert "fused: 4 steps" in again and "fused: 3 steps" not in again
+    (run_dir / "demo.json").write_text('{"experts": 3}')
+    capsys.readouterr()
+    assert main(["report", "-c", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'demo.json'} has no 'experts' mapping" in err

@@ -7,11 +7,12 @@ produced. The verdicts and the closing note are computed, never written by hand.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
-from fuselm.artifacts import Stage, atomic_write_bytes, read_json
+from fuselm.artifacts import Stage, StageError, atomic_write_bytes, read_json
 
 SECTION = "## The demo: did fusion help at this scale?"
 
@@ -183,15 +184,32 @@ def closing_note(ver: list[dict[str, Any]], fused_stats: dict[str, Any] | None =
     ]
 
 
-def write_section(run_dir: Path, lines: list[str]) -> Path:
-    """Append (or replace) the demo section at the end of ``report/report.md``."""
-    path = Path(run_dir) / "report" / "report.md"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# fuselm run report\n"
-    if SECTION in text:
-        text = text[: text.index(SECTION)].rstrip("\n") + "\n"
-    text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+DEMO_RECORD = "demo.json"
+
+
+def write_demo_record(run_dir: Path, experts: dict[str, dict[str, Any]]) -> Path:
+    """Record in ``<run_dir>/demo.json`` that the demo made this run, and its experts.
+
+    Why a file: ``report/report.md`` is rewritten by every ``fuselm report`` and ``fuselm
+    run``. A section the demo appended after the pipeline would vanish when a user reruns
+    the pipeline with the demo's config (say with more training steps); with this record
+    the report stage writes the demo's section itself (``report_section``).
+    """
+    path = Path(run_dir) / DEMO_RECORD
+    text = json.dumps({"experts": experts}, indent=2, sort_keys=True) + "\n"
     atomic_write_bytes(path, text.encode("utf-8"))
     return path
+
+
+def report_section(run_dir: Path, results: dict[str, Any]) -> list[str]:
+    """The demo's section for ``report.md``, or nothing if the demo did not make this run."""
+    path = Path(run_dir) / DEMO_RECORD
+    if not path.exists():
+        return []
+    record = read_json(path)
+    if not isinstance(record.get("experts"), dict):
+        raise StageError(f"report: {path} has no 'experts' mapping; rerun `fuselm demo`")
+    return summary_lines(results, Path(run_dir), record["experts"])
 
 
 def load_results(run_dir: Path) -> dict[str, Any]:
