@@ -211,7 +211,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         fcntl = None  # type: ignore[assignment]
     fd = _flock(lock, fcntl) if fcntl is not None else None
     if fd is None:
-        with _pid_file_lock(run_dir, lock):
+        with _pid_file_lock(lock):
             yield
         return
     try:
@@ -269,7 +269,7 @@ def _read_pid(fd: int) -> int:
 
 
 @contextlib.contextmanager
-def _pid_file_lock(run_dir: Path, lock: Path) -> Iterator[None]:
+def _pid_file_lock(lock: Path) -> Iterator[None]:
     """The fallback lock without ``flock``: a pid file created with ``O_EXCL``.
 
     It is taken over when its process is gone; two processes racing for a stale lock can
@@ -285,7 +285,7 @@ def _pid_file_lock(run_dir: Path, lock: Path) -> Iterator[None]:
                 pid = 0
             if pid and pid != os.getpid() and _pid_alive(pid):
                 raise StageError(
-                    f"run dir {run_dir} is in use by process {pid} ({lock}); wait for it to "
+                    f"run dir {lock.parent} is in use by process {pid} ({lock}); wait for it to "
                     "finish or use another --run-dir"
                 ) from None
             with contextlib.suppress(FileNotFoundError):

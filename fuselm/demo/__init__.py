@@ -65,18 +65,11 @@ def busy_cores(window: float = 0.5) -> float:
     Why not the load average: it is a one-minute moving average, so right after the
     README's ``pip install ... && fuselm demo`` it still counts the finished install as a
     busy core. The demo then ran on 1 thread of an idle 2-core machine and took 22.6
-    instead of about 17 minutes. The load average is only the fallback without psutil.
+    instead of about 17 minutes.
     """
-    try:
-        import psutil
+    import psutil
 
-        return psutil.cpu_percent(interval=window) / 100.0 * (os.cpu_count() or 1)
-    except (ImportError, OSError):
-        pass
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):  # not on Unix
-        return 0.0
+    return psutil.cpu_percent(interval=window) / 100.0 * (os.cpu_count() or 1)
 
 
 def _split(docs: list[DemoDocument]) -> dict[str, bool]:

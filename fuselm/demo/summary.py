@@ -7,12 +7,11 @@ produced. The verdicts and the closing note are computed, never written by hand.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from fuselm.artifacts import Stage, StageError, atomic_write_bytes, read_json
+from fuselm.artifacts import Stage, StageError, atomic_write_json, read_json
 
 SECTION = "## The demo: did fusion help at this scale?"
 
@@ -196,8 +195,7 @@ def write_demo_record(run_dir: Path, experts: dict[str, dict[str, Any]]) -> Path
     the report stage writes the demo's section itself (``report_section``).
     """
     path = Path(run_dir) / DEMO_RECORD
-    text = json.dumps({"experts": experts}, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_json(path, {"experts": experts})
     return path
 
 
