@@ -354,7 +354,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from fuselm.demo import choose_threads, prepare_demo
-    from fuselm.demo.summary import load_results, summary_lines, write_demo_record
+    from fuselm.demo.summary import (
+        domain_verdicts,
+        load_results,
+        summary_lines,
+        verdict_line,
+        write_demo_record,
+    )
     from fuselm.experts import expert_info
 
     t0 = time.time()
@@ -393,6 +399,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nreport: {report}\nplots: " + ", ".join(plots))
     print(f"config: {cfg_path}\nnext: fuselm status {run_dir} -c {cfg_path}")
     print(f"demo finished in {time.time() - t0:.0f} s")
+    print(verdict_line(domain_verdicts(load_results(run_dir))))
     return code
 
 

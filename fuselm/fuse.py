@@ -11,7 +11,11 @@ for a batch of ``B`` target blocks of length ``T`` and ``S`` sources the inputs 
 - ``gold_logprob (S, B, T)`` float: the source's log-probability of the gold text its
   prediction at this position covers (0 where it covers nothing);
 - ``next_bytes (S, B, T)`` int: how many UTF-8 bytes of text that gold log-probability
-  covers (0 where the source contributes nothing, e.g. padding).
+  covers (0 where the source contributes nothing, e.g. padding);
+- optionally ``tail_logmass (S, B, T)`` float: the log of each source's mass outside its
+  ids (the align stage's ``AlignedBlock.tail_logmass``). The fused tail is then the same
+  mixture of the sources' tails (MinCE: the chosen source's; AvgCE: the weighted sum),
+  plus the mass of entries a ``max_k`` cap cuts off, so the fused target loses no mass.
 
 Each row of ``B`` must be one block (fuse *before* packing blocks into training rows):
 sequence-level cross-entropies are computed per row. A single block may also be passed
@@ -56,6 +60,7 @@ from fuselm.fuse_kernels import (
     _avg_weights,
     _check_inputs,
     _check_sequence_ce,
+    _check_tail,
     _min_weights,
     _mix,
 )
@@ -86,6 +91,8 @@ class FusionResult:
             source covers no bytes.
         selected: ``(B, T)`` int64 index of the source with the largest weight (for
             ``min_ce``, the chosen one), -1 where not ``valid``.
+        tail_logmass: ``(B, T)`` float32 log of the fused mass outside ``ids`` (-inf where
+            not ``valid``), or None when the sources' tails were not given.
     """
 
     ids: Tensor
@@ -94,6 +101,7 @@ class FusionResult:
     weights: Tensor
     ce: Tensor
     selected: Tensor
+    tail_logmass: Tensor | None = None
 
     def win_counts(self) -> Tensor:
         """Count the positions at which each source had the largest weight.
@@ -166,6 +174,7 @@ def min_ce(
     max_k: int | None = None,
     source_names: Sequence[str] | None = None,
     sequence_ce: Tensor | None = None,
+    tail_logmass: Tensor | None = None,
 ) -> FusionResult:
     """MinCE: take the distribution of the source with the lowest per-byte cross-entropy.
 
@@ -190,6 +199,8 @@ def min_ce(
             ``next_bytes`` at the aligned positions (``level="sequence"`` only). Pass the
             CE over *all* of a source's positions (``AlignedBlock.ce_per_byte()``) so that
             sources are compared on the same text whatever their alignment coverage.
+        tail_logmass: optional ``(S, B, T)`` log of each source's mass outside its ids;
+            the result then carries the fused tail (see the module docstring).
 
     Returns:
         The fused sparse distribution with per-source weights (one-hot) and selection.
@@ -205,6 +216,7 @@ def min_ce(
         max_k=max_k,
         source_names=source_names,
         sequence_ce=sequence_ce,
+        tail_logmass=tail_logmass,
     )
 
 
@@ -221,6 +233,7 @@ def avg_ce(
     max_k: int | None = None,
     source_names: Sequence[str] | None = None,
     sequence_ce: Tensor | None = None,
+    tail_logmass: Tensor | None = None,
 ) -> FusionResult:
     """AvgCE: mix the sources with weights that decrease with their per-byte cross-entropy.
 
@@ -248,6 +261,7 @@ def avg_ce(
         source_names: names used in error messages; defaults to ``source 0``, ...
         sequence_ce: optional whole-block per-byte CE, ``(S, B)`` or ``(S,)``; see
             :func:`min_ce` (``level="sequence"`` only).
+        tail_logmass: optional ``(S, B, T)``; see :func:`min_ce`.
 
     Returns:
         The fused sparse distribution with the per-source weights.
@@ -270,12 +284,17 @@ def avg_ce(
         max_k=max_k,
         source_names=source_names,
         sequence_ce=sequence_ce,
+        tail_logmass=tail_logmass,
     )
 
 
 def fill_fallback(
-    ids: Tensor, logprobs: Tensor, valid: Tensor, next_token_ids: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+    ids: Tensor,
+    logprobs: Tensor,
+    valid: Tensor,
+    next_token_ids: Tensor,
+    tail_logmass: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Give positions without a teacher the one-hot of the *next* (gold) target token.
 
     SPEC §2.3: the fallback target of position t is token t+1 (what position t predicts),
@@ -288,10 +307,11 @@ def fill_fallback(
         logprobs: ``(B, T, K)`` fused log-probabilities.
         valid: ``(B, T)`` positions that have a teacher.
         next_token_ids: ``(B, T)`` the gold next target token of each position, -1 if none.
+        tail_logmass: optional ``(B, T)`` fused tail; a one-hot has none (-inf).
 
     Returns:
-        ``(ids, logprobs, valid)`` with the one-hot (id, log-prob 0) in column 0 of each
-        filled row; ``valid`` now also covers the filled rows.
+        ``(ids, logprobs, valid, tail_logmass)`` with the one-hot (id, log-prob 0) in column
+        0 of each filled row; ``valid`` now also covers the filled rows.
     """
     fill = ~valid & (next_token_ids >= 0)  # (B, T)
     one_hot_ids = torch.full_like(ids, -1)
@@ -300,7 +320,53 @@ def fill_fallback(
     one_hot_lp[..., 0] = 0.0
     ids = torch.where(fill[..., None], one_hot_ids, ids)
     logprobs = torch.where(fill[..., None], one_hot_lp, logprobs)
-    return ids, logprobs, valid | fill
+    if tail_logmass is not None:
+        tail_logmass = torch.where(fill, float("-inf"), tail_logmass)
+    return ids, logprobs, valid | fill, tail_logmass
+
+
+def blend_with_gold(
+    ids: Tensor,
+    logprobs: Tensor,
+    tail_logmass: Tensor | None,
+    weight: Tensor,
+    next_token_ids: Tensor,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Mix a fused target with the one-hot of the gold next token: ``w·q + (1 - w)·1[gold]``.
+
+    Where a teacher knows no more than the gold text (say MinCE picked the target itself),
+    distilling it only anchors the student to where it started; giving such positions the
+    gold one-hot makes their fusion term at temperature 1 exactly the CLM term, so they are
+    trained by plain CLM. ``weight`` in between scales the teacher's share (its advantage).
+    The tail is scaled by ``w`` like every entry, so the mixture still sums to 1.
+
+    Args:
+        ids: ``(B, T, K)`` fused ids (-1 padded), or ``(T, K)``.
+        logprobs: ``(B, T, K)`` their log-probabilities (-inf padded).
+        tail_logmass: ``(B, T)`` fused tail, or None.
+        weight: ``(B, T)`` teacher share in [0, 1]; 1 leaves the row unchanged.
+        next_token_ids: ``(B, T)`` gold next target token, -1 where none (row unchanged).
+
+    Returns:
+        ``(ids, logprobs, tail_logmass)``; rows sorted by decreasing probability again.
+    """
+    w = torch.where(next_token_ids >= 0, weight.to(torch.float32).clamp(0.0, 1.0), 1.0)
+    gold_ids = torch.full_like(ids, -1)
+    gold_ids[..., 0] = next_token_ids.clamp_min(-1)
+    gold_lp = torch.full_like(logprobs, float("-inf"))
+    gold_lp[..., 0] = 0.0
+    both_ids = torch.stack([ids, gold_ids])  # (2, ..., K)
+    both_lp = torch.stack([logprobs.to(torch.float32), gold_lp.to(torch.float32)])
+    if both_ids.dim() == 3:  # unbatched (2, T, K) -> (2, 1, T, K)
+        both_ids, both_lp, w = both_ids.unsqueeze(1), both_lp.unsqueeze(1), w.unsqueeze(0)
+    weights = torch.stack([w, 1.0 - w])  # (2, B, T)
+    entry_ok = (both_ids >= 0) & torch.isfinite(both_lp)
+    out_ids, out_lp, _ = _mix(both_ids, both_lp, entry_ok, weights, None)
+    if ids.dim() == 2:
+        out_ids, out_lp, w = out_ids[0], out_lp[0], w[0]
+    if tail_logmass is not None:
+        tail_logmass = tail_logmass + w.log()
+    return out_ids, out_lp, tail_logmass
 
 
 # name -> (function, one-line description with paper reference). Explicit on purpose: the
@@ -351,6 +417,7 @@ def _fuse(
     max_k: int | None,
     source_names: Sequence[str] | None,
     sequence_ce: Tensor | None = None,
+    tail_logmass: Tensor | None = None,
 ) -> FusionResult:
     """Shared body of the fusion functions: validate, weight, mix."""
     ids, logprobs, valid, gold_logprob, next_bytes = inputs
@@ -366,7 +433,11 @@ def _fuse(
             gold_logprob.unsqueeze(1),
             next_bytes.unsqueeze(1),
         )
+        if tail_logmass is not None:
+            tail_logmass = tail_logmass.unsqueeze(1)
     _check_inputs(ids, logprobs, valid, gold_logprob, next_bytes, source_names)
+    if tail_logmass is not None:
+        _check_tail(tail_logmass, valid, source_names)
     if sequence_ce is not None:
         sequence_ce = _check_sequence_ce(sequence_ce, ids.shape[:2], level, unbatched, source_names)
 
@@ -385,11 +456,22 @@ def _fuse(
     else:
         weights = _avg_weights(ce_bt, usable, weighting, tau)  # (S, B, T)
 
-    out_ids, out_lp = _mix(ids, logprobs, entry_ok, weights, max_k)  # (B, T, K_out)
+    out_ids, out_lp, cut = _mix(ids, logprobs, entry_ok, weights, max_k)  # (B, T, K_out)
     out_valid = usable.any(0)  # (B, T)
     selected = torch.where(out_valid, weights.argmax(0), -1)  # (B, T)
+    tail = None
+    if tail_logmass is not None:
+        # The same mixture as the entries: log sum_s w_s tail_s, plus what max_k cut off.
+        mixed = (tail_logmass.to(torch.float32) + weights.log()).logsumexp(0)  # (B, T)
+        tail = torch.where(out_valid, torch.logaddexp(mixed, cut), float("-inf"))
     if unbatched:
         return FusionResult(
-            out_ids[0], out_lp[0], out_valid[0], weights[:, 0], ce.squeeze(1), selected[0]
+            out_ids[0],
+            out_lp[0],
+            out_valid[0],
+            weights[:, 0],
+            ce.squeeze(1),
+            selected[0],
+            None if tail is None else tail[0],
         )
-    return FusionResult(out_ids, out_lp, out_valid, weights, ce, selected)
+    return FusionResult(out_ids, out_lp, out_valid, weights, ce, selected, tail)

@@ -95,6 +95,20 @@ def _check_sequence_ce(
     return ce
 
 
+def _check_tail(tail: Tensor, valid: Tensor, source_names: Sequence[str] | None) -> None:
+    """The sources' tails: ``(S, B, T)`` log-masses <= 0, no NaN where a source is valid."""
+    if tail.shape != valid.shape:
+        raise ValueError(f"tail_logmass shape {tuple(tail.shape)} != valid {tuple(valid.shape)}")
+    bad = valid & (tail.isnan() | (tail > 1e-4))
+    if bad.any():
+        s, b, t = _first(bad)
+        name = source_names[s] if source_names is not None else f"source {s}"
+        raise ValueError(
+            f"tail_logmass of {name} at block {b}, position {t} is {float(tail[s, b, t])}; "
+            "it must be a log-probability (<= 0)"
+        )
+
+
 def _first(mask: Tensor) -> tuple[int, int, int]:
     """Index ``(s, b, t)`` of the first True entry of a ``(S, B, T)`` mask."""
     s, b, t = (int(i) for i in mask.nonzero()[0])
@@ -149,7 +163,7 @@ def _avg_weights(ce: Tensor, usable: Tensor, weighting: Weighting, tau: float) -
 
 def _mix(
     ids: Tensor, logprobs: Tensor, entry_ok: Tensor, weights: Tensor, max_k: int | None
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Sparse mixture ``sum_s w_s p_s`` with the union of the sources' ids per position.
 
     Works in log space (``logsumexp`` of ``log w_s + log p_s`` over entries with the same id)
@@ -163,8 +177,10 @@ def _mix(
         max_k: optional cap on the output width.
 
     Returns:
-        ``(ids, logprobs)`` of shape ``(B, T, K_out)``, sorted by decreasing probability,
-        padded with -1 / -inf; ``1 <= K_out <= S * K``.
+        ``(ids, logprobs, cut_logmass)``: ids and log-probs of shape ``(B, T, K_out)``,
+        sorted by decreasing probability, padded with -1 / -inf, ``1 <= K_out <= S * K``;
+        and ``(B, T)`` the log of the mixed mass of the entries that ``max_k`` cut off
+        (-inf where nothing was cut), which belongs to the fused tail.
     """
     num_sources, batch, length, k = ids.shape
     n, m = batch * length, num_sources * k
@@ -207,4 +223,8 @@ def _mix(
         width = min(width, max_k)
     out_ids = torch.where(real, seg_ids, -1)[:, :width].reshape(batch, length, width)
     out_lp = seg_lp[:, :width].reshape(batch, length, width)
-    return out_ids, out_lp
+    if seg_lp.shape[1] > width:
+        cut = seg_lp[:, width:].logsumexp(-1)  # (N,); -inf where nothing real was cut
+    else:
+        cut = torch.full((n,), float("-inf"))
+    return out_ids, out_lp, cut.reshape(batch, length)

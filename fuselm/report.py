@@ -25,43 +25,65 @@ log = logging.getLogger("fuselm.report")
 def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Per domain (and overall): fused vs control and vs the best source, in bits per byte.
 
+    A comparison is a verdict only beyond its noise: each difference comes with the 95%
+    interval of a paired bootstrap over the held-out blocks
+    (:func:`fuselm.evaluate.compare.paired_bootstrap`), and ``vs_control`` /
+    ``vs_best_source`` say ``better``, ``worse`` or ``inconclusive``.
+
     Returns:
         One dict per domain with ``domain``, ``fused``, ``control``, ``best_source``,
-        ``best_source_bpb``, ``beats_control`` and ``beats_best_source`` (None when a model
-        needed for the comparison is absent).
+        ``best_source_bpb``, ``vs_control`` and ``vs_best_source`` (each a
+        ``Difference.as_dict()``, or None when a model needed for it is absent or was
+        scored without per-block figures).
     """
+    from fuselm.evaluate.stage import compare_models
+
     models = results["models"]
-    fused = next((r for r in models.values() if r["kind"] == "fused"), None)
-    control = next((r for r in models.values() if r["kind"] == "control"), None)
+    fused = next((n for n, r in models.items() if r["kind"] == "fused"), None)
+    control = next((n for n, r in models.items() if r["kind"] == "control"), None)
     teachers = {n: r for n, r in models.items() if r["kind"] in ("source", "target")}
     domains = sorted({d for r in models.values() for d in r["domains"]}) + ["all"]
 
-    def bpb(r: dict[str, Any] | None, dom: str) -> float | None:
-        if r is None:
+    def bpb(name: str | None, dom: str) -> float | None:
+        if name is None:
             return None
+        r = models[name]
         m = r["overall"] if dom == "all" else r["domains"].get(dom)
         return None if m is None else m["bits_per_byte"]
 
+    vs_control = compare_models(results, fused, control) if fused and control else None
+    cache: dict[str, Any] = {}
     out = []
     for dom in domains:
         best_name, best = None, math.inf
-        for name, r in teachers.items():
-            v = bpb(r, dom)
+        for name in teachers:
+            v = bpb(name, dom)
             if v is not None and v < best:
                 best_name, best = name, v
-        f, c = bpb(fused, dom), bpb(control, dom)
+        if fused and best_name and best_name not in cache:
+            cache[best_name] = compare_models(results, fused, best_name)
+        vs_best = cache.get(best_name) if best_name else None
         out.append(
             {
                 "domain": dom,
-                "fused": f,
-                "control": c,
+                "fused": bpb(fused, dom),
+                "control": bpb(control, dom),
                 "best_source": best_name,
                 "best_source_bpb": None if best_name is None else best,
-                "beats_control": None if f is None or c is None else f < c,
-                "beats_best_source": None if f is None or best_name is None else f < best,
+                "vs_control": vs_control[dom].as_dict() if vs_control else None,
+                "vs_best_source": vs_best[dom].as_dict() if vs_best else None,
             }
         )
     return out
+
+
+def _cmp(d: dict[str, Any] | None) -> str:
+    """``-0.0123 [-0.0200, -0.0050] **better**`` (a difference with its interval)."""
+    if d is None:
+        return "-"
+    lo, hi = d["ci95"]
+    word = f"**{d['verdict']}**" if d["verdict"] != "inconclusive" else "inconclusive"
+    return f"{d['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] {word}"
 
 
 def fusechat_table(results: dict[str, Any]) -> list[str]:
@@ -96,30 +118,33 @@ def fusechat_table(results: dict[str, Any]) -> list[str]:
     ]
     for dom in domains:
         lines.append(f"| {dom} | " + " | ".join(_fmt(bpb(r, dom)) for _, r in rows) + " |")
-    merged = next((r for _, r in rows if r["kind"] == "merged"), None)
-    pivot = next((r for _, r in rows if r["kind"] == "target"), None)
-    pairs = [r for _, r in rows if r["kind"] == "pairwise"]
-    fused = next((r for _, r in rows if r["kind"] == "fused"), None)
+    from fuselm.evaluate.stage import compare_models
+
+    merged = next((n for n, r in rows if r["kind"] == "merged"), None)
     if merged is not None:
-        m = bpb(merged, "all")
+        others = [(n, "the pivot") for n, r in rows if r["kind"] == "target"]
+        others += [
+            (n, f"the multi-source fused target {n}") for n, r in rows if r["kind"] == "fused"
+        ]
+        best = min(
+            (
+                (n, v)
+                for n, r in rows
+                if r["kind"] == "pairwise"
+                if (v := bpb(r, "all")) is not None
+            ),
+            key=lambda x: x[1],
+            default=None,
+        )
+        if best is not None:
+            others.append((best[0], f"the best pairwise target {best[0]}"))
         facts = []
-        if pivot is not None and m is not None:
-            facts.append(
-                f"{'beat' if m < bpb(pivot, 'all') else 'did not beat'} the pivot "
-                f"({_fmt(m)} vs {_fmt(bpb(pivot, 'all'))})"
-            )
-        best = min((v for r in pairs if (v := bpb(r, "all")) is not None), default=None)
-        if best is not None and m is not None:
-            facts.append(
-                f"{'beat' if m < best else 'did not beat'} the best pairwise target ({_fmt(best)})"
-            )
-        if fused is not None and m is not None:
-            facts.append(
-                f"{'beat' if m < bpb(fused, 'all') else 'did not beat'} the multi-source "
-                f"fused target ({_fmt(bpb(fused, 'all'))})"
-            )
+        for name, what in others:
+            diff = compare_models(results, merged, name)
+            facts.append(f"vs {what}: {_reading(diff['all'].as_dict() if diff else None)}")
         if facts:
-            lines += ["", "Overall the merged model " + ", ".join(facts) + "."]
+            lines += ["", "The merged model (merged minus the other, bits per byte):", ""]
+            lines += [f"- {f}" for f in facts]
     return lines
 
 
@@ -127,8 +152,17 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def _yes(v: bool | None) -> str:
-    return "n/a" if v is None else ("**yes**" if v else "no")
+def _reading(d: dict[str, Any] | None) -> str:
+    """A sentence fragment for an overall comparison."""
+    if d is None:
+        return "not compared"
+    lo, hi = d["ci95"]
+    span = f"{d['diff']:+.4f} bits/byte, 95% interval [{lo:+.4f}, {hi:+.4f}]"
+    if d["verdict"] == "better":
+        return f"**better** ({span})"
+    if d["verdict"] == "worse":
+        return f"**worse** ({span})"
+    return f"inconclusive ({span}: the difference does not exceed its noise)"
 
 
 # --------------------------------------------------------------------------- plots
@@ -266,6 +300,43 @@ def alignment_table(run_dir: Path) -> list[str]:
     ]
 
 
+def fusion_diagnostics(run_dir: Path) -> list[str]:
+    """Markdown: per domain, what the fused teacher knew and what the loss saw.
+
+    From the fused variant's manifest (computed while fusing the training blocks): the
+    fused teacher's and the target's own bits per byte on the training text (if the
+    teacher is not clearly lower, fusion has nothing to teach there), the share of
+    positions whose gold token is outside the teacher's ids, the mean tail mass, and the
+    share the gate handed to plain CLM.
+    """
+    man = Stage(run_dir, "train/fused").manifest()
+    diag = ((man or {}).get("stats", {}).get("fusion") or {}).get("diagnostics_by_domain")
+    if not diag:
+        return []
+    rows = []
+    for dom, d in diag.items():
+        t, g = d.get("teacher_bits_per_byte"), d.get("target_bits_per_byte")
+        adv = "-" if t is None or g is None else f"{g - t:+.4f}"
+        rows.append(
+            f"| {dom} | {_fmt(t)} | {_fmt(g)} | {adv} | {d['gold_outside_share']:.1%} | "
+            f"{d['tail_mass']:.3f} | {d['gated_share']:.1%} |"
+        )
+    return [
+        "",
+        "### What the teachers had to teach (training blocks)",
+        "",
+        "Fused teacher vs the untouched target on the text fused (bits per byte; the "
+        "advantage is target − teacher: fusion can only teach where it is clearly > 0), the "
+        "share of positions whose gold token is outside the teacher's ids, the teacher's "
+        "mean mass outside its ids (kept by `train.tail_bucket`, inflated away otherwise) "
+        "and the share of positions `fuse.gate` trained with plain CLM.",
+        "",
+        "| domain | teacher | target | advantage | gold outside ids | tail mass | gated |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def selection_by_domain(run_dir: Path) -> list[str]:
     """Markdown table: per domain, the share of positions at which each source led fusion."""
     man = Stage(run_dir, "train/fused").manifest()
@@ -325,28 +396,37 @@ def run_report(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
         "",
         "## Did fusion help?",
         "",
-        "| domain | fused | control | best source | best source bpb | fused < control | "
-        "fused < best source |",
+        "Differences are fused minus the other model in bits per byte (negative = fused "
+        "better), with the 95% interval of a paired bootstrap over the held-out blocks; "
+        "a verdict is given only when the whole interval is on one side of 0.",
+        "",
+        "| domain | fused | control | fused − control | best source | best source bpb | "
+        "fused − best source |",
         "|---|---|---|---|---|---|---|",
     ]
     ver = verdicts(results)
     for v in ver:
         lines.append(
             f"| {v['domain']} | {_fmt(v['fused'])} | {_fmt(v['control'])} | "
-            f"{v['best_source'] or '-'} | {_fmt(v['best_source_bpb'])} | "
-            f"{_yes(v['beats_control'])} | {_yes(v['beats_best_source'])} |"
+            f"{_cmp(v['vs_control'])} | {v['best_source'] or '-'} | "
+            f"{_fmt(v['best_source_bpb'])} | {_cmp(v['vs_best_source'])} |"
         )
     overall = ver[-1]
     lines.append("")
     if overall["fused"] is None:
         lines.append("No fused target was evaluated yet (run `fuselm train` then `fuselm eval`).")
-    else:
+    elif overall["vs_control"] is None:
         lines.append(
-            f"Overall the fused target {'beat' if overall['beats_control'] else 'did not beat'} "
-            f"the CLM-only control ({_fmt(overall['fused'])} vs {_fmt(overall['control'])} "
-            f"bits/byte) and {'beat' if overall['beats_best_source'] else 'did not beat'} the "
-            f"best source {overall['best_source']} ({_fmt(overall['best_source_bpb'])})."
+            "These results carry no per-block scores (eval format 1), so no difference can "
+            "be told from noise; rerun `fuselm eval --force`."
         )
+    else:
+        c, b = overall["vs_control"], overall["vs_best_source"]
+        lines.append(
+            f"Overall, fused vs the CLM-only control: {_reading(c)}; vs the best source "
+            f"{overall['best_source']}: {_reading(b)}."
+        )
+    lines += fusion_diagnostics(Path(run_dir))
     lines += fusechat_table(results)
     lines += alignment_table(Path(run_dir))
     if has_curves:

@@ -131,10 +131,15 @@ def test_store_round_trip_keeps_ids_and_sorts_merged_rows():
             next_bytes=np.where(valid, rng.integers(0, 9, p), 0).astype(np.int32),
             nll_sum=12.5,
             nll_bytes=77,
+            tail_logmass=np.where(valid, -rng.exponential(3.0, p), -np.inf).astype(np.float32),
+            one_to_one=valid & (rng.random(p) < 0.5),
         )
         back = decode_aligned_row(encode_aligned(rec), 5)
         assert np.array_equal(back.input_ids, rec.input_ids)
         assert np.array_equal(back.valid, valid)
+        assert np.array_equal(back.one_to_one, rec.one_to_one)
+        assert np.isneginf(back.tail_logmass[~valid]).all()
+        assert np.abs(back.tail_logmass[valid] - rec.tail_logmass[valid]).max(initial=0) <= TOL
         assert np.array_equal(back.next_bytes, rec.next_bytes)
         assert np.abs(back.gold - rec.gold).max(initial=0) <= TOL
         assert (back.nll_sum, back.nll_bytes) == (12.5, 77)
@@ -192,6 +197,7 @@ def test_target_alignment_is_its_own_capture(aligned):
         assert np.array_equal(a.logprobs, cap.logprobs)
         assert np.array_equal(a.gold, cap.gold)
         assert a.valid.all() and a.n_positions == cap.n_positions
+        assert np.array_equal(a.tail_logmass, cap.tail_logmass) and a.one_to_one.all()
         assert a.nll_bytes == a.next_bytes.sum()
         assert a.nll_sum == pytest.approx(-cap.gold.astype(np.float64).sum(), abs=1e-3)
     st = align_manifest(run, "tgt")["stats"]
@@ -301,6 +307,13 @@ def test_topk_mass_is_accounted_for(aligned, name):
             # mapped mass (summed where ids merged) + dropped mass = the teacher's top-k
             assert got + want[unm].sum() == pytest.approx(want.sum(), abs=0.01)
             assert got <= 1.0 + 0.01
+            # ... and the record's tail holds the dropped mass and capture's own tail, so
+            # entries + tail = 1: nothing is lost on the way to the loss.
+            tail = np.exp(float(a.tail_logmass[t]))
+            assert tail == pytest.approx(
+                np.exp(float(s.tail_logmass[j])) + want[unm].sum(), abs=0.01
+            )
+            assert got + tail == pytest.approx(1.0, abs=0.02)
             total, kept, lost = total + want.sum(), kept + got, lost + want[unm].sum()
             rows += 1
     st = align_manifest(run, name)["stats"]

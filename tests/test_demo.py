@@ -24,7 +24,13 @@ from fuselm.demo.corpus import (
     expert_texts,
     write_corpus,
 )
-from fuselm.demo.summary import SECTION, closing_note, domain_verdicts, expert_wins
+from fuselm.demo.summary import (
+    SECTION,
+    closing_note,
+    domain_verdicts,
+    expert_wins,
+    verdict_line,
+)
 from fuselm.testing import build_tokenizer, save_tiny_model
 
 
@@ -141,8 +147,10 @@ def test_verdicts_and_closing_note():
     assert ver["shakespeare"]["fused_vs_target"] == pytest.approx(-0.02)
     wins = expert_wins(results)
     assert [d for d, _ in wins["shk"]] == ["shakespeare"]
+    assert ver["code"]["verdict"] is None  # no per-block scores: no verdict
     note = "\n".join(closing_note(list(ver.values())))
-    assert "did NOT beat" in note or "beat the CLM-only control" in note
+    assert "was not compared with the CLM-only control" in note
+    assert verdict_line(list(ver.values())).startswith("demo: fused_minus_control=")
 
 
 @pytest.fixture
@@ -168,7 +176,8 @@ def test_demo_quick_end_to_end_with_stand_in_assets(tiny_assets, tmp_path, capsy
     out = capsys.readouterr().out
     report = run_dir / "report" / "report.md"
     text = report.read_text()
-    assert SECTION in text and "fused beat control?" in text
+    assert SECTION in text and "fused vs control" in text
+    assert out.strip().splitlines()[-1].startswith("demo: fused_minus_control=")
     assert f"report: {report}" in out and "bits_per_byte.png" in out
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     kinds = {r["kind"] for r in results["models"].values()}

@@ -90,6 +90,11 @@ def test_eval_stage_end_to_end(base_config, write_config, tmp_path, capsys):
         # overall = byte-weighted combination of the domains
         total = sum(d["nll_nats"] for d in r["domains"].values())
         assert total == pytest.approx(r["overall"]["nll_nats"])
+        # per-block scores, in block order, add up to the totals (the bootstrap's input)
+        per = r["per_block"]
+        assert len(per["nll"]) == len(res["block_domains"]) == res["blocks"]
+        assert sum(per["nll"]) == pytest.approx(r["overall"]["nll_nats"], abs=1e-3)
+        assert sum(per["bytes"]) == r["overall"]["bytes"]
     rows = list(csv.DictReader((run_dir / "eval" / "results.csv").open()))
     assert {(r["model"], r["domain"]) for r in rows} >= {("tgt", "all"), ("spm", "all")}
     # capture-based scores agree with running the model again
@@ -125,3 +130,30 @@ def test_eval_needs_captures_and_a_validation_split(base_config, write_config, t
     capsys.readouterr()
     assert main(["eval", "-c", str(cfg_path), "-o", str(run_dir)]) == 1
     assert "run `fuselm capture` first" in capsys.readouterr().err
+
+
+def test_paired_bootstrap_and_seed_verdicts():
+    import numpy as np
+
+    from fuselm.evaluate.compare import paired_bootstrap, seed_verdict
+
+    rng = np.random.default_rng(0)
+    doms = ["a"] * 30 + ["b"] * 10
+    nb = rng.integers(100, 300, 40)
+    base = rng.normal(1.0, 0.2, 40) * np.log(2) * nb  # per-block NLL in nats
+    same = paired_bootstrap(base, nb, base, nb, doms)
+    assert same["all"].diff == 0 and same["all"].verdict == "inconclusive"
+    # 0.01 bits/byte better on every block of domain a only: a is better, b inconclusive.
+    better = base - np.where(np.array(doms) == "a", 0.01 * np.log(2) * nb, 0.0)
+    d = paired_bootstrap(better, nb, base, nb, doms)
+    assert d["a"].verdict == "better" and d["a"].diff == pytest.approx(-0.01)
+    assert d["b"].verdict == "inconclusive" and d["b"].blocks == 10
+    assert d["all"].low <= d["all"].diff <= d["all"].high < 0
+    # Reproducible: the resampling is seeded.
+    assert paired_bootstrap(better, nb, base, nb, doms)["all"] == d["all"]
+    with pytest.raises(ValueError, match="one value per block"):
+        paired_bootstrap(base[:3], nb, base, nb, doms)
+    assert seed_verdict([-0.03, -0.031, -0.029])[2] == "better"
+    assert seed_verdict([-0.03, 0.02, -0.01])[2] == "inconclusive"
+    assert seed_verdict([-0.03])[2] == "inconclusive"
+    assert seed_verdict([0.01, 0.011, 0.012])[2] == "worse"

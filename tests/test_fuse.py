@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from fuselm.fuse import (
     FUSION_FUNCTIONS,
     avg_ce,
+    blend_with_gold,
     fill_fallback,
     get_fusion,
     min_ce,
@@ -157,6 +158,44 @@ def test_avg_ce_weights_sum_to_one_and_mixture_is_exact(seed, S, level, weightin
     assert (res.selected[~any_valid] == -1).all()
 
 
+@SETTINGS
+@given(
+    seed=st.integers(0, 10_000),
+    S=st.integers(1, 4),
+    rule=st.sampled_from(["min_ce", "avg_ce"]),
+    max_k=st.sampled_from([None, 1, 3]),
+)
+def test_fused_tail_keeps_every_bit_of_mass(seed, S, rule, max_k):
+    V, K = 12, 4
+    ids, lp, valid, gold, nbytes = make_sources(seed, S, 2, 5, K, V, pad=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    valid = torch.rand(S, 2, 5, generator=g) < 0.7
+    tail = torch.log1p(-lp.exp().sum(-1).clamp_max(1 - 1e-7))  # each source's true tail
+    fn = min_ce if rule == "min_ce" else avg_ce
+    res = fn(ids, lp, valid, gold, nbytes, max_k=max_k, tail_logmass=tail)
+    total = torch.where(res.ids >= 0, res.logprobs.exp(), 0.0).sum(-1) + res.tail_logmass.exp()
+    torch.testing.assert_close(total[res.valid], torch.ones_like(total[res.valid]))
+    assert torch.isneginf(res.tail_logmass[~res.valid]).all()
+    # Without a cap, the fused tail is the weights' mixture of the sources' tails.
+    full = fn(ids, lp, valid, gold, nbytes, tail_logmass=tail)
+    expected = (full.weights * tail.exp()).sum(0)
+    torch.testing.assert_close(full.tail_logmass.exp()[full.valid], expected[full.valid])
+
+
+def test_blend_with_gold():
+    ids = torch.tensor([[3, 4], [5, -1]])
+    lp = torch.log(torch.tensor([[0.5, 0.3], [0.9, 0.0]]))
+    tail = torch.log(torch.tensor([0.2, 0.1]))
+    nxt = torch.tensor([4, 7])
+    same = blend_with_gold(ids, lp, tail, torch.ones(2), nxt)
+    assert torch.equal(same[0], ids) and torch.equal(same[1], lp) and torch.equal(same[2], tail)
+    b_ids, b_lp, b_tail = blend_with_gold(ids, lp, tail, torch.tensor([0.5, 0.0]), nxt)
+    p0 = dict(zip(b_ids[0].tolist(), b_lp[0].exp().tolist(), strict=True))
+    assert p0[4] == pytest.approx(0.65) and p0[3] == pytest.approx(0.25)
+    assert b_tail[0].exp() == pytest.approx(0.1)
+    assert b_ids[1].tolist()[0] == 7 and float(b_lp[1, 0]) == 0.0 and torch.isneginf(b_tail[1])
+
+
 def _two_sources_with_ce(ce0: float, ce1: float):
     T, K = 4, 2
     ids = torch.stack([torch.tensor([[0, 1]] * T), torch.tensor([[2, 3]] * T)])
@@ -283,7 +322,7 @@ def test_fill_fallback_uses_next_token():
     lp = torch.tensor([[[-0.1, -2.0], [float("-inf")] * 2, [float("-inf")] * 2]])
     valid = torch.tensor([[True, False, False]])
     next_ids = torch.tensor([[7, 8, -1]])  # last position has no next token
-    f_ids, f_lp, f_valid = fill_fallback(ids, lp, valid, next_ids)
+    f_ids, f_lp, f_valid, _ = fill_fallback(ids, lp, valid, next_ids)
     assert f_ids.tolist() == [[[3, 4], [8, -1], [-1, -1]]]
     assert f_lp[0, 1].tolist() == [0.0, float("-inf")]
     assert f_valid.tolist() == [[True, True, False]]

@@ -31,23 +31,31 @@ def block(
     next_bytes=None,
     nll=(1.0, 1),
     split: str = "train",
+    one_to_one=None,
+    domain: str = "d",
 ) -> AlignedBlock:
     input_ids = np.asarray(input_ids, np.int32)
     ids = np.asarray(ids, np.int32)
     p = len(input_ids) - 1
+    valid = np.ones(p, bool) if valid is None else np.asarray(valid, bool)
+    mass = np.exp(np.asarray(logprobs, np.float64)).sum(-1)
+    with np.errstate(divide="ignore"):
+        tail = np.where(valid, np.log(np.clip(1.0 - mass, 0.0, 1.0)), -np.inf)
     return AlignedBlock(
         hash=h,
         block_id=f"doc#{h}",
-        domain="d",
+        domain=domain,
         split=split,
         input_ids=input_ids,
         ids=ids,
         logprobs=np.asarray(logprobs, np.float32),
-        valid=np.ones(p, bool) if valid is None else np.asarray(valid, bool),
+        valid=valid,
         gold=np.full(p, -1.0, np.float32) if gold is None else np.asarray(gold, np.float32),
         next_bytes=np.ones(p, np.int32) if next_bytes is None else np.asarray(next_bytes, np.int32),
         nll_sum=nll[0],
         nll_bytes=nll[1],
+        tail_logmass=tail.astype(np.float32),
+        one_to_one=valid.copy() if one_to_one is None else np.asarray(one_to_one, bool),
     )
 
 
@@ -181,21 +189,132 @@ def test_avg_ce_and_max_k_cap():
     assert capped.ids.shape[1] == 1 and np.array_equal(capped.ids[:, 0], fb.ids[:, 0])
 
 
+def mass(fb, t):
+    """Total probability of fused row t: entries + tail."""
+    return float(np.exp(fb.logprobs[t][fb.ids[t] >= 0]).sum() + np.exp(fb.tail_logmass[t]))
+
+
+def test_fused_tail_follows_the_weights_and_the_cap():
+    s = two_sources()
+    names = list(s)
+    ((_, blocks),) = join_sources(s)
+    specs = (FusionSpec(), FusionSpec(function="avg_ce"), FusionSpec(function="avg_ce", max_k=1))
+    for spec in specs:
+        fb = fuse_block(blocks, names, spec)
+        for t in range(3):
+            assert mass(fb, t) == pytest.approx(1.0, abs=1e-5)  # nothing dropped silently
+    # MinCE (sequence level): the chosen source's own tail, untouched.
+    fb = fuse_block(blocks, names, FusionSpec())
+    chosen = blocks[int(np.argmax(fb.selected))]
+    at = chosen.valid  # elsewhere the other source stands in (with its own tail)
+    np.testing.assert_allclose(fb.tail_logmass[at], chosen.tail_logmass[at], atol=1e-6)
+    # The cap moves the cut entries into the tail.
+    full = fuse_block(blocks, names, FusionSpec(function="avg_ce"))
+    capped = fuse_block(blocks, names, FusionSpec(function="avg_ce", max_k=1))
+    assert (capped.tail_logmass > full.tail_logmass + 1e-3).all()
+
+
+def test_fallback_rows_have_no_tail():
+    inp = [5, 6, 7, 8]
+    a = block("h", inp, [[6], [-1], [8]], np.log([[0.5], [1.0], [0.5]]), valid=[True, False, True])
+    fb = fuse_block([a], ["a"], FusionSpec(fallback="one_hot_next"))
+    assert np.isneginf(fb.tail_logmass[1]) and fb.tail_logmass[0] == pytest.approx(np.log(0.5))
+    assert fb.source.tolist() == [0, -1, 0]
+
+
+def test_one_to_one_positions_only():
+    inp = [5, 6, 7, 8]
+    a = block("h", inp, [[6], [9], [8]], np.log([[0.9], [0.9], [0.9]]), one_to_one=[1, 0, 1])
+    fb = fuse_block([a], ["a"], FusionSpec(positions="one_to_one"))
+    assert fb.ids[:, 0].tolist() == [6, 7, 8]  # position 1 falls back to the gold one-hot
+    assert fb.no_teacher == 1
+    assert fuse_block([a], ["a"], FusionSpec()).ids[1, 0] == 9
+
+
+def gate_sources():
+    """Target t (source #0) is best on block 'x'; the teacher e is better on block 'y'."""
+    inp = [5, 6, 7, 8]
+    lp = np.log([[0.6, 0.3]] * 3)
+    t_x = block("x", inp, [[6, 1], [7, 1], [8, 1]], lp, nll=(1.0, 4))
+    e_x = block("x", inp, [[9, 6], [9, 7], [9, 8]], lp, nll=(2.0, 4))
+    t_y = block("y", inp, [[6, 1], [7, 1], [8, 1]], lp, nll=(2.0, 4))
+    e_y = block("y", inp, [[9, 6], [9, 7], [9, 8]], lp, nll=(1.8, 4))
+    return {"t": {"x": t_x, "y": t_y}, "e": {"x": e_x, "y": e_y}}
+
+
+def test_gate_teacher_better_gives_plain_clm_where_the_target_wins():
+    s = gate_sources()
+    (_, bx), (_, by) = join_sources(s)
+    spec = FusionSpec(gate="teacher_better", target="t")
+    fx, fy = fuse_block(bx, ["t", "e"], spec), fuse_block(by, ["t", "e"], spec)
+    # Block x: MinCE picked the target itself -> gold one-hot, no tail, source GOLD.
+    assert fx.ids[:, 0].tolist() == [6, 7, 8] and (fx.ids[:, 1:] == -1).all()
+    assert np.isneginf(fx.tail_logmass).all() and fx.source.tolist() == [-2, -2, -2]
+    # Block y: the teacher e is better: its distribution, unchanged.
+    plain = fuse_block(by, ["t", "e"], FusionSpec())
+    np.testing.assert_array_equal(fy.ids, plain.ids)
+    np.testing.assert_allclose(fy.logprobs, plain.logprobs)
+    assert fy.source.tolist() == [1, 1, 1]
+    # At T = 1 the fusion term at a gated position equals the CLM term.
+    data = build_examples([("x", bx)], ["t", "e"], spec, 64)
+    b = collate(data.examples)
+    logits = torch.randn(1, 4, 12)
+    _, parts = combined_loss(
+        logits, b["labels"], b["teacher_ids"], b["teacher_logprobs"], lam=0.5, tail_bucket=True,
+        teacher_tail_logmass=b["teacher_tail_logmass"],
+    )  # fmt: skip
+    torch.testing.assert_close(parts["fusion"], parts["clm"])
+    with pytest.raises(TrainDataError, match="needs the target as a source"):
+        FusionSpec(gate="teacher_better")
+
+
+def test_gate_advantage_scales_the_teacher_share():
+    s = gate_sources()
+    (_, by) = join_sources(s)[1]
+    # Advantage on y: 2.0/4 - 1.8/4 = 0.05 nats/byte; scale 0.1 -> half teacher, half gold.
+    fb = fuse_block(by, ["t", "e"], FusionSpec(gate="advantage", gate_scale=0.1, target="t"))
+    plain = fuse_block(by, ["t", "e"], FusionSpec())
+    for t, gold in enumerate([6, 7, 8]):
+        p = dict(zip(fb.ids[t].tolist(), np.exp(fb.logprobs[t]).tolist(), strict=True))
+        q = dict(zip(plain.ids[t].tolist(), np.exp(plain.logprobs[t]).tolist(), strict=True))
+        assert p[9] == pytest.approx(0.5 * q[9], rel=1e-5)
+        assert p[gold] == pytest.approx(0.5 * q[gold] + 0.5, rel=1e-5)
+        assert mass(fb, t) == pytest.approx(1.0, abs=1e-5)
+    # A teacher worse than the target gets no share at all.
+    (_, bx) = join_sources(s)[0]
+    fx = fuse_block(bx, ["t", "e"], FusionSpec(gate="advantage", target="t"))
+    assert fx.source.tolist() == [-2, -2, -2]
+
+
+def test_fusion_diagnostics_by_domain():
+    s = gate_sources()
+    data = build_examples(join_sources(s), ["t", "e"], FusionSpec(target="t"), 64)
+    d = data.fusion.as_dict()["diagnostics_by_domain"]["d"]
+    ln2 = np.log(2)
+    # Block x: teacher = t (CE 0.25/byte); block y: teacher = e (0.45). Target: 0.25, 0.5.
+    assert d["teacher_bits_per_byte"] == pytest.approx((0.25 + 0.45) / 2 / ln2, rel=1e-5)
+    assert d["target_bits_per_byte"] == pytest.approx((0.25 + 0.5) / 2 / ln2, rel=1e-5)
+    assert d["gold_outside_share"] == pytest.approx(0.0)  # gold is among the ids everywhere
+    assert d["tail_mass"] == pytest.approx(0.1, abs=1e-5)
+    assert d["positions"] == 6 and d["gated_share"] == 0.0
+
+
 def test_split_rows_trains_every_position_once():
     n, k, seq = 11, 2, 4
     inp = np.arange(100, 100 + n)
     t_ids = np.arange(n - 1)[:, None].repeat(k, 1)  # teacher row t tagged with t
-    rows = split_rows(inp, t_ids, t_ids.astype(np.float32), seq)
+    rows = split_rows(inp, [t_ids, t_ids.astype(np.float32), None], seq)
     assert all(len(r[0]) <= seq for r in rows)
     seen = []
-    for ids, ti, _ in rows:
+    for ids, (ti, _, none) in rows:
+        assert none is None
         assert ti.shape[0] == len(ids) - 1
         for t in range(len(ids) - 1):
             pos = int(ti[t, 0])  # the teacher row stays with the token it predicts from
             assert inp[pos] == ids[t] and inp[pos + 1] == ids[t + 1]
             seen.append(pos)
     assert sorted(seen) == list(range(n - 1))
-    assert len(split_rows(inp, None, None, 64)) == 1
+    assert len(split_rows(inp, [None, None], 64)) == 1
 
 
 def test_build_examples_control_has_same_rows_without_teacher():

@@ -154,6 +154,42 @@ def test_refuses_alignment_for_another_target(aligned, tmp_path, capsys):
     assert "'spm' was aligned for a target vocabulary" in err and "0123abcd" in err
 
 
+def test_alignment_without_the_tail_is_refused(aligned, tmp_path, capsys):
+    # An alignment written by an older fuselm (align format 1: no tail mass).
+    cfg, run = fresh(aligned, tmp_path)
+    path = run / "align" / "spm" / "manifest.json"
+    man = json.loads(path.read_text())
+    man["components"]["format"] = 1
+    path.write_text(json.dumps(man))
+    assert main(["-q", "train", "-c", str(cfg), "-o", str(run), "train.tail_bucket=true"]) == 1
+    err = capsys.readouterr().err
+    assert "align/spm was written in align format 1" in err and "fuselm align --force" in err
+
+
+def test_tail_aware_gated_run_logs_its_diagnostics(aligned, tmp_path):
+    cfg, run = fresh(aligned, tmp_path)
+    over = [
+        "train.tail_bucket=true",
+        "train.temperature=2.0",
+        "train.clm_weight=0.5",
+        "train.loss_weighting=grad_balanced",
+        "fuse.gate=teacher_better",
+        "eval.control=false",
+    ]
+    assert main(["-q", "train", "-c", str(cfg), "-o", str(run), *over]) == 0
+    lines = log_lines(run, "fused")
+    for x in lines:
+        assert 0.0 < x["lam"] < 1.0  # balanced every step
+        assert x["teacher_gold_nll"] >= 0 and x["student_gold_nll"] > 0
+        assert 0.0 <= x["gold_outside"] <= 1.0 and 0.0 <= x["tail_mass"] <= 1.0
+        assert set(x["led_by"]) <= {"tgt", "spm", "gold"}
+        assert sum(x["led_by"].values()) == pytest.approx(1.0, abs=1e-3)
+    diag = manifest(run, "fused")["stats"]["fusion"]["diagnostics_by_domain"]
+    (d,) = diag.values()
+    assert d["teacher_bits_per_byte"] <= d["target_bits_per_byte"]  # MinCE never picks worse
+    assert 0.0 <= d["gated_share"] <= 1.0
+
+
 def test_missing_alignment(aligned, tmp_path):
     from fuselm.config import load_config
     from fuselm.train.stage import run_train

@@ -14,6 +14,7 @@ from fuselm.train.batching import collate
 from fuselm.train.data import TrainExample
 from fuselm.train.losses import combined_loss
 from fuselm.train.step import (
+    STEP_SUMS,
     TrainingError,
     TrainSettings,
     lr_factor,
@@ -104,24 +105,46 @@ def test_lambda_one_equals_the_models_own_clm_loss():
     exs = examples(3)
     batch = collate(exs, with_teacher=False)  # rows of different lengths: padding
     n_c = float(batch["clm_tokens"])
-    loss, c_sum, f_sum = micro_batch_loss(model, batch, settings(lam=1.0), n_c, 0.0)
+    loss, sums = micro_batch_loss(model, batch, settings(lam=1.0), n_c, 0.0)
+    part = dict(zip(STEP_SUMS, sums.tolist(), strict=True))
     ref = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(c_sum / n_c, ref.detach(), rtol=1e-5, atol=1e-6)
-    assert float(f_sum) == 0.0
+    assert part["clm"] / n_c == pytest.approx(float(ref.detach()), rel=1e-5)
+    assert part["fusion"] == 0.0
 
 
 def test_one_micro_batch_loss_is_the_combined_loss():
     model = tiny_model()
     batch = collate(examples(3))
     n_c, n_f = float(batch["clm_tokens"]), float(batch["fusion_tokens"])
-    loss, c_sum, f_sum = micro_batch_loss(model, batch, settings(lam=0.7), n_c, n_f)
+    loss, sums = micro_batch_loss(model, batch, settings(lam=0.7), n_c, n_f)
+    part = dict(zip(STEP_SUMS, sums.tolist(), strict=True))
     logits = model(input_ids=batch["input_ids"]).logits
     ref, parts = combined_loss(
         logits, batch["labels"], batch["teacher_ids"], batch["teacher_logprobs"], lam=0.7
     )
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(f_sum / n_f, parts["fusion"], rtol=1e-5, atol=1e-6)
+    assert part["fusion"] / n_f == pytest.approx(float(parts["fusion"]), rel=1e-5)
+    assert part["gold_inside"] + part["gold_outside"] == n_f
+
+
+def test_grad_balanced_gives_each_term_its_share_of_the_gradient():
+    model = tiny_model()
+    batch = collate(examples(3))
+    n_c, n_f = float(batch["clm_tokens"]), float(batch["fusion_tokens"])
+    s = settings(lam=0.5, loss_weighting="grad_balanced", tail_bucket=True)
+    loss, sums = micro_batch_loss(model, batch, s, n_c, n_f)
+    lam = dict(zip(STEP_SUMS, sums.tolist(), strict=True))["lam"] / n_c
+    logits = model(input_ids=batch["input_ids"]).logits
+    kw = dict(tail_bucket=True, teacher_tail_logmass=batch["teacher_tail_logmass"])
+    args = (logits, batch["labels"], batch["teacher_ids"], batch["teacher_logprobs"])
+    g_c = torch.autograd.grad(combined_loss(*args, lam=1.0, **kw)[0], logits)[0]
+    g_f = torch.autograd.grad(combined_loss(*args, lam=0.0, **kw)[0], logits)[0]
+    # The weighted gradients have equal norms (0.5 = equal shares of the magnitude).
+    assert float((lam * g_c).norm()) == pytest.approx(float(((1 - lam) * g_f).norm()), rel=1e-4)
+    ref, _ = combined_loss(*args, lam=lam, **kw)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert 0.0 < lam < 1.0
 
 
 def test_lr_schedule():

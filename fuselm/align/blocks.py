@@ -201,8 +201,17 @@ def align_block(
     if t_n and s_n and not t_special[-1] and not s_special[-1] and t_off[-1, 1] == s_off[-1, 1]:
         closed[-1] = s_n - 1
     astats = alignment_stats(closed, t_special)
+    nxt = np.append(closed[1:], -1)
+    one_to_one = ((closed >= 0) & (nxt >= 0) & (nxt == closed + 1))[:p] & valid
     present = src_top >= 0
     lost = present & (vmap.src_to_tgt[np.where(present, src_top, 0)] < 0)
+    # The teacher's mass outside its aligned ids: what capture left outside the top-k,
+    # plus the top-k entries the vocabulary map could not place (never silently dropped).
+    lost_mass = np.where(lost, np.exp(np.asarray(src_lp, np.float64)), 0.0).sum(axis=1)  # (V,)
+    src_tail = np.exp(np.asarray(src.tail_logmass, np.float64)[rows])  # (V,)
+    tail_logmass = np.full(p, -np.inf, np.float32)
+    with np.errstate(divide="ignore"):
+        tail_logmass[valid] = np.log(np.minimum(src_tail + lost_mass, 1.0))
     without_mass = int((~(r_ids >= 0).any(axis=1)).sum()) if len(r_ids) else 0
     diag = BlockDiag(
         align=astats,
@@ -224,6 +233,8 @@ def align_block(
         next_bytes=next_bytes,
         nll_sum=nll_sum,
         nll_bytes=nll_bytes,
+        tail_logmass=tail_logmass,
+        one_to_one=one_to_one,
     )
     return record, diag
 

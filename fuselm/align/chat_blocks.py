@@ -116,6 +116,8 @@ def align_chat_block(
     rec.logprobs[~rec.valid] = -np.inf
     rec.gold[~rec.valid] = 0.0
     rec.next_bytes[~rec.valid] = 0
+    rec.tail_logmass[~rec.valid] = -np.inf
+    rec.one_to_one = rec.one_to_one & rec.valid
     rec.target_mask = mask
     # The source's cross-entropy on the assistant text only (sequence-level MinCE).
     s_ids = np.asarray(src.token_ids, np.int64)

@@ -41,6 +41,14 @@ class AlignedBlock:
         nll_bytes: UTF-8 bytes of text those positions predict; ``nll_sum / nll_bytes`` is
             the source's per-byte cross-entropy on the block (sequence-level MinCE uses it,
             so sources are compared on the same text whatever their alignment coverage).
+        tail_logmass: ``(P,)`` float32 log of the teacher's probability mass outside its
+            aligned ``ids`` at each valid position (-inf elsewhere): the mass capture left
+            outside the top-k plus the mass of top-k entries the vocabulary map could not
+            place. ``exp(logsumexp(logprobs[t])) + exp(tail_logmass[t]) = 1`` up to the
+            quantisation, so a loss that keeps the tail loses no mass silently.
+        one_to_one: ``(P,)`` bool: the target's next token and the source's next token at
+            the matched position cover the same text (both boundaries shared), so the
+            teacher's distribution is over the very token the target predicts.
         target_mask: ``(P,)`` bool, chat blocks only: positions that are trained at all
             (their next token is assistant text or the end of an assistant turn); prompt
             positions are masked out of both loss terms. None = every position.
@@ -58,6 +66,8 @@ class AlignedBlock:
     next_bytes: np.ndarray
     nll_sum: float
     nll_bytes: int
+    tail_logmass: np.ndarray
+    one_to_one: np.ndarray
     target_mask: np.ndarray | None = None
 
     @property

@@ -15,6 +15,11 @@ error <= 1/128 nat), delta coding along k, little-endian byte planes, zstd. What
   order, so a row that needed no remapping (the target's own capture) is bit-identical.
 - **Target ids are stored +1** so that the ``-1`` of an empty slot (an entry dropped as
   unmapped or folded into another) is the code 0 and the ids stay lossless.
+- **The teacher's tail is kept** (format 2): per valid position the log of the mass
+  outside the aligned ids (capture's tail plus the mass of entries the vocabulary map
+  could not place), quantised like the other log-probabilities, and a bitmap of the
+  positions aligned one-to-one. Format 1 shards (no tail) are refused with the command
+  that rewrites them.
 
 Per-shard diagnostics (coverage counts, top-k mass per mapping kind, unmapped source
 tokens) ride in the shard's Parquet metadata, so the manifest of a resumed run reports the
@@ -37,7 +42,7 @@ from fuselm.capture import storage as cap
 # Private helpers of the capture codec, reused rather than duplicated (same byte layout).
 pack_ints, unpack_ints = cap.pack_ints, cap.unpack_ints  # the capture codec, shared
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_KEY = b"fuselm.align"
 STEP = cap.STEP
 ZSTD_LEVEL = 9
@@ -57,6 +62,8 @@ COLUMNS = (
     "next_bytes",
     "nll_sum",
     "nll_bytes",
+    "tail_logmass",
+    "one_to_one",
     "target_mask",
 )
 
@@ -107,6 +114,8 @@ def encode_aligned(block: AlignedBlock) -> dict[str, Any]:
     nb = np.asarray(block.next_bytes, np.int64)[valid]
     if (nb < 0).any():
         raise ValueError(f"block {block.block_id}: negative next_bytes")
+    if np.asarray(block.tail_logmass).shape != (p,) or np.asarray(block.one_to_one).shape != (p,):
+        raise ValueError(f"block {block.block_id}: tail_logmass and one_to_one must be (P,)")
     return {
         "block_id": block.block_id,
         "hash": block.hash,
@@ -122,6 +131,8 @@ def encode_aligned(block: AlignedBlock) -> dict[str, Any]:
         "next_bytes": pack_ints(nb),
         "nll_sum": float(block.nll_sum),
         "nll_bytes": int(block.nll_bytes),
+        "tail_logmass": pack_ints(cap.quantize(np.asarray(block.tail_logmass)[valid])),
+        "one_to_one": np.packbits(np.asarray(block.one_to_one, bool).reshape(-1)).tobytes(),
         # Chat blocks: which positions are trained at all (bitmap); empty = all of them.
         "target_mask": b""
         if block.target_mask is None
@@ -147,6 +158,9 @@ def decode_aligned_row(row: dict[str, Any], k: int) -> AlignedBlock:
     gold[valid] = cap.dequantize(unpack_ints(row["gold_logprob"], v))
     nb = np.zeros(p, np.int32)
     nb[valid] = unpack_ints(row["next_bytes"], v)
+    tail = np.full(p, -np.inf, np.float32)
+    tail[valid] = cap.dequantize(unpack_ints(row["tail_logmass"], v))
+    one = np.unpackbits(np.frombuffer(row["one_to_one"], np.uint8), count=p).astype(bool)
     mask_bits = row.get("target_mask") or b""  # absent in shards of plain text
     mask = (
         np.unpackbits(np.frombuffer(mask_bits, np.uint8), count=p).astype(bool)
@@ -166,6 +180,8 @@ def decode_aligned_row(row: dict[str, Any], k: int) -> AlignedBlock:
         next_bytes=nb,
         nll_sum=float(row["nll_sum"]),
         nll_bytes=int(row["nll_bytes"]),
+        tail_logmass=tail,
+        one_to_one=one,
         target_mask=mask,
     )
 
@@ -194,6 +210,8 @@ def schema(k: int, extra_metadata: dict[str, Any] | None = None):
             ("next_bytes", pa.binary()),
             ("nll_sum", pa.float64()),
             ("nll_bytes", pa.int64()),
+            ("tail_logmass", pa.binary()),
+            ("one_to_one", pa.binary()),
             ("target_mask", pa.binary()),
         ],
         metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()},

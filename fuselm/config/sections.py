@@ -229,22 +229,60 @@ class FuseConfig:
         "the target (the pivot) per source, trained on the pivot + that source, for "
         "`fuselm merge` (FuseChat); both = the pairwise targets and the multi-source one.",
     )
+    positions: Literal["all", "one_to_one"] = _f(
+        "all",
+        "Where a teacher counts: all aligned positions, or one_to_one = only where its next "
+        "token covers exactly the target's next token (elsewhere: fallback or other sources).",
+    )
+    gate: Literal["none", "teacher_better", "advantage"] = _f(
+        "none",
+        "Distil only where it teaches something: teacher_better = positions whose fused "
+        "teacher is not better (per-byte CE on the block) than the target itself get the "
+        "gold one-hot, i.e. plain CLM; advantage = the teacher's share grows with its "
+        "advantage (full at gate_scale). Needs target.as_source.",
+    )
+    gate_scale: float = _f(
+        0.1, "gate: advantage: nats per byte of teacher advantage that earn the full share."
+    )
 
     def __post_init__(self) -> None:
         if self.max_k < 0:
             raise _invalid("max_k", self.max_k, "use 0 (no cap) or a positive count")
         if self.avg_temperature <= 0:
             raise _invalid("avg_temperature", self.avg_temperature, "use a positive number")
+        if self.gate_scale <= 0:
+            raise _invalid("gate_scale", self.gate_scale, "use a positive number (nats/byte)")
 
 
 @dataclass
 class TrainConfig:
     """Stage 5 (train): continual training of the target."""
 
-    clm_weight: float = _f(0.9, "λ in L = λ·CLM + (1−λ)·fusion. Paper: 0.9.")
+    clm_weight: float = _f(
+        0.9,
+        "λ in L = λ·CLM + (1−λ)·fusion: the CLM term's share of the loss (loss_weighting: "
+        "fixed) or of the gradient magnitude (grad_balanced). Paper: 0.9.",
+    )
+    loss_weighting: Literal["fixed", "grad_balanced"] = _f(
+        "fixed",
+        "fixed = λ as given (paper); grad_balanced = λ set every step so that the CLM term "
+        "has the clm_weight share of the gradient magnitude at the logits (tokenkit's "
+        "balancing; 0.5 = equal), at the cost of two extra backward passes of the loss.",
+    )
     fusion_loss: Literal["ce", "kl"] = _f("ce", "Fusion term: soft cross-entropy or forward KL.")
-    temperature: float = _f(1.0, "Teacher temperature. Paper: 1.0.")
-    tail_bucket: bool = _f(False, "Treat the teacher's mass outside top-k as one extra class.")
+    temperature: float = _f(
+        1.0,
+        "Temperature of the fusion term. Paper: 1.0. With tail_bucket it tempers the teacher's "
+        "and the student's k ids + rest alike (the only tempering the stored top-k defines).",
+    )
+    temperature_squared: bool = _f(
+        True, "Multiply the fusion term by temperature² (Hinton et al.); no effect at 1.0."
+    )
+    tail_bucket: bool = _f(
+        False,
+        "Keep the teacher's mass outside its top-k as one extra category (the student then "
+        "matches the total tail mass); false = the paper's top-k renormalised to 1.",
+    )
     learning_rate: float = _f(1e-5, "Peak learning rate. Paper: 1e-5.")
     adam_beta1: float = _f(0.9, "AdamW β1. Paper: 0.9.")
     adam_beta2: float = _f(0.95, "AdamW β2. Paper: 0.95.")
@@ -287,11 +325,6 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise _invalid(name, getattr(self, name), "use a positive integer")
-        if self.tail_bucket and self.temperature != 1.0:
-            raise ConfigError(
-                "tail_bucket: true needs temperature: 1.0 (the tempered mass of tokens the "
-                "teacher did not store cannot be recovered); set one of them back"
-            )
         if self.max_steps < 0 or self.save_steps < 0:
             raise ConfigError("max_steps and save_steps must be >= 0")
         if self.shuffle_shards < 1:
@@ -390,6 +423,12 @@ class PipelineConfig:
         names = [s.resolved_name() for s in self.sources]
         if self.target.model and self.target.as_source:
             names.append(self.target.resolved_name())
+        if self.fuse.gate != "none" and not (self.target.model and self.target.as_source):
+            raise ConfigError(
+                f"fuse.gate: {self.fuse.gate} compares each teacher with the target's own "
+                "cross-entropy on the block, which needs the target captured as a source; "
+                "set target.as_source: true, or fuse.gate: none"
+            )
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ConfigError(

@@ -34,14 +34,18 @@ def domain_verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     ``fused_vs_control`` and ``fused_vs_target`` are fused minus the other (negative =
     fusion better).
     """
+    from fuselm.evaluate.stage import compare_models
+
     target = _find(results, "target")
     fused, control = _find(results, "fused"), _find(results, "control")
     domains = sorted({d for r in results["models"].values() for d in r["domains"]}) + ["all"]
+    paired = compare_models(results, fused, control) if fused and control else None
     out = []
     for dom in domains:
         f = _bpb(results, fused, dom) if fused else None
         c = _bpb(results, control, dom) if control else None
         t = _bpb(results, target, dom) if target else None
+        diff = paired[dom] if paired and dom in paired else None
         out.append(
             {
                 "domain": dom,
@@ -50,9 +54,21 @@ def domain_verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "control": c,
                 "fused_vs_control": None if f is None or c is None else f - c,
                 "fused_vs_target": None if f is None or t is None else f - t,
+                "ci95": None if diff is None else (diff.low, diff.high),
+                "verdict": None if diff is None else diff.verdict,
             }
         )
     return out
+
+
+def verdict_line(ver: list[dict[str, Any]]) -> str:
+    """The demo's last line: ``demo: fused_minus_control=<x> ci95=<lo>,<hi>`` (overall)."""
+    overall = ver[-1]
+    d, ci = overall["fused_vs_control"], overall["ci95"]
+    if d is None:
+        return "demo: fused_minus_control=none ci95=none"
+    span = "none" if ci is None else f"{ci[0]:+.4f},{ci[1]:+.4f}"
+    return f"demo: fused_minus_control={d:+.4f} ci95={span}"
 
 
 def expert_wins(results: dict[str, Any]) -> dict[str, list[tuple[str, float]]]:
@@ -105,21 +121,22 @@ def summary_lines(
     lines = [SECTION, ""]
     lines += [
         "| domain | untouched target | control (CLM only) | fused | fused − control | "
-        "fused − target | fused beat control? | fused beat target? |",
+        "95% interval | fused vs control | fused − target |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for v in ver:
-        bc = None if v["fused_vs_control"] is None else v["fused_vs_control"] < 0
-        bt = None if v["fused_vs_target"] is None else v["fused_vs_target"] < 0
+        ci = v["ci95"]
+        span = "-" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
         lines.append(
             f"| {v['domain']} | {_f(v['target'])} | {_f(v['control'])} | {_f(v['fused'])} | "
-            f"{_f(v['fused_vs_control'], True)} | {_f(v['fused_vs_target'], True)} | "
-            f"{'-' if bc is None else ('yes' if bc else 'no')} | "
-            f"{'-' if bt is None else ('yes' if bt else 'no')} |"
+            f"{_f(v['fused_vs_control'], True)} | {span} | {v['verdict'] or '-'} | "
+            f"{_f(v['fused_vs_target'], True)} |"
         )
     lines.append("")
     lines.append("Bits per byte on the held-out documents; lower is better; a negative")
-    lines.append("difference means the fused target is better.")
+    lines.append("difference means the fused target is better. The interval is a paired")
+    lines.append("bootstrap over the held-out blocks: fused is called better (or worse) only")
+    lines.append("when the whole interval is below (above) 0.")
     lines.append("")
     for variant, st in train.items():
         tokens = st.get("tokens")
@@ -155,17 +172,21 @@ def closing_note(ver: list[dict[str, Any]], fused_stats: dict[str, Any] | None =
         return ["No fused target was evaluated (the train stage did not run)."]
     st = fused_stats or {}
     lam = st.get("lambda", 0.9)
-    won = [v["domain"] for v in ver[:-1] if (v["fused_vs_control"] or 0) < 0]
-    verdict = "beat" if d < 0 else "did NOT beat"
+    won = [v["domain"] for v in ver[:-1] if v["verdict"] == "better"]
+    lost = [v["domain"] for v in ver[:-1] if v["verdict"] == "worse"]
+    ci = overall["ci95"]
+    span = "" if ci is None else f", 95% interval [{ci[0]:+.4f}, {ci[1]:+.4f}]"
+    word = {
+        "better": "beat",
+        "worse": "was WORSE than",
+        "inconclusive": "could not be told apart from",
+        None: "was not compared with",
+    }[overall["verdict"]]
     head = (
-        f"Overall the fused target {verdict} the CLM-only control ({d:+.4f} bits/byte; "
-        f"domains where it was better: {', '.join(won) or 'none'})."
+        f"Overall the fused target {word} the CLM-only control ({d:+.4f} bits/byte{span}; "
+        f"better beyond noise on: {', '.join(won) or 'no domain'}; worse on: "
+        f"{', '.join(lost) or 'no domain'})."
     )
-    if abs(d) < 0.005:
-        head += (
-            " Treat a difference this small as inconclusive: the demo does not estimate its "
-            "noise (repeating the run with other seeds or held-out documents would)."
-        )
     tokens = st.get("tokens")
     budget = f"{st.get('steps', '?')} steps, {tokens:,} tokens" if isinstance(tokens, int) else ""
     return [

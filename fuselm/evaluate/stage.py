@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fuselm.artifacts import Stage, StageError, atomic_write_bytes, atomic_write_json
+from fuselm.evaluate.compare import Difference, paired_bootstrap
 from fuselm.evaluate.scoring import (
     BlockScore,
     _read_capture,
@@ -25,7 +26,7 @@ from fuselm.evaluate.scoring import (
 
 log = logging.getLogger("fuselm.eval")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-block scores and paired comparisons in results.json
 
 
 def results_csv(results: dict[str, Any]) -> str:
@@ -83,6 +84,27 @@ def comparison_table(results: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- the stage
+
+
+def compare_models(results: dict[str, Any], a: str, b: str) -> dict[str, Difference] | None:
+    """Paired bootstrap of model ``a`` minus model ``b`` (bits per byte) per domain + ``all``.
+
+    Args:
+        results: ``eval/results.json``.
+        a: a model name of ``results["models"]``.
+        b: another one.
+
+    Returns:
+        ``{domain: Difference}``, or None when either model lacks per-block scores
+        (results written before eval format 2: rerun ``fuselm eval --force``).
+    """
+    ra, rb = results["models"].get(a, {}), results["models"].get(b, {})
+    if "per_block" not in ra or "per_block" not in rb or "block_domains" not in results:
+        return None
+    pa, pb = ra["per_block"], rb["per_block"]
+    return paired_bootstrap(
+        pa["nll"], pa["bytes"], pb["nll"], pb["bytes"], results["block_domains"]
+    )
 
 
 def _validation_blocks(run_dir: Path, max_blocks: int) -> list[dict[str, Any]]:
@@ -210,9 +232,16 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
     target_digest = tokenizer_digest(load_tokenizer(cfg.target))
     results: dict[str, Any] = {"models": {}, "blocks": len(blocks)}
 
+    results["block_domains"] = [b["domain"] for b in blocks]
+
     def add(name: str, kind: str, scores: list[BlockScore], digest: str) -> None:
         agg = aggregate(scores, perplexity=digest == target_digest)
         results["models"][name] = {"kind": kind, "tokenizer": digest, **agg}
+        # Per block, in block order: what the paired comparisons resample.
+        results["models"][name]["per_block"] = {
+            "nll": [round(s.nll, 6) for s in scores],
+            "bytes": [s.bytes for s in scores],
+        }
         log.info("eval: %-20s %.4f bits/byte", name, agg["overall"]["bits_per_byte"])
 
     target_name = cfg.target.resolved_name()

@@ -137,8 +137,10 @@ def collate(
 
     Returns:
         ``input_ids (B, L)`` int64, ``labels (B, L)`` int64 (-100 on padding),
-        ``teacher_ids (B, L, K)`` int64 (-1 padded) and ``teacher_logprobs (B, L, K)``
-        float32 when ``with_teacher``, and the counts ``clm_tokens`` / ``fusion_tokens``
+        ``teacher_ids (B, L, K)`` int64 (-1 padded), ``teacher_logprobs (B, L, K)``
+        float32, ``teacher_tail_logmass (B, L)`` float32 (-inf where none) and
+        ``teacher_source (B, L)`` int64 (the leading teacher; -1 none, -2 gold) when
+        ``with_teacher``, and the counts ``clm_tokens`` / ``fusion_tokens``
         (0-dim int64): positions with a next-token target, and those of them that have a
         teacher entry (exactly what :func:`fuselm.train.losses.combined_loss` averages
         over).
@@ -174,10 +176,22 @@ def collate(
     k = max(int(e.teacher_ids.shape[1]) for e in rows)  # type: ignore[union-attr]
     t_ids = torch.full((batch, length, k), -1, dtype=torch.long)
     t_lp = torch.full((batch, length, k), float("-inf"), dtype=torch.float32)
+    t_tail = torch.full((batch, length), float("-inf"), dtype=torch.float32)
+    t_src = torch.full((batch, length), -1, dtype=torch.long)
     for r, e in enumerate(rows):
         p, w = e.teacher_ids.shape  # type: ignore[union-attr]
         t_ids[r, :p, :w] = torch.from_numpy(np.asarray(e.teacher_ids, dtype=np.int64))
         t_lp[r, :p, :w] = torch.from_numpy(np.asarray(e.teacher_logprobs, dtype=np.float32))
+        if e.teacher_tail is not None:
+            t_tail[r, :p] = torch.from_numpy(np.asarray(e.teacher_tail, dtype=np.float32))
+        if e.teacher_source is not None:
+            t_src[r, :p] = torch.from_numpy(np.asarray(e.teacher_source, dtype=np.int64))
     has_teacher = ((t_ids >= 0) & torch.isfinite(t_lp)).any(-1)  # (B, L)
-    out.update(teacher_ids=t_ids, teacher_logprobs=t_lp, fusion_tokens=has_teacher.sum())
+    out.update(
+        teacher_ids=t_ids,
+        teacher_logprobs=t_lp,
+        teacher_tail_logmass=t_tail,
+        teacher_source=t_src,
+        fusion_tokens=has_teacher.sum(),
+    )
     return out

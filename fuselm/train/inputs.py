@@ -29,10 +29,13 @@ def _fusion_spec(cfg: PipelineConfig) -> FusionSpec:
         function=cfg.fuse.function,
         level=cfg.fuse.level,
         fallback=cfg.align.fallback,
-        # Not a FuseConfig field yet; picked up as soon as it is added.
-        max_k=int(getattr(cfg.fuse, "max_k", 0) or 0),
+        max_k=cfg.fuse.max_k,
         avg_weighting=cfg.fuse.avg_weighting,
         avg_temperature=cfg.fuse.avg_temperature,
+        positions=cfg.fuse.positions,
+        gate=cfg.fuse.gate,
+        gate_scale=cfg.fuse.gate_scale,
+        target=cfg.target.resolved_name() if cfg.target.as_source else "",
     )
 
 

@@ -29,26 +29,46 @@ gradient, which backward must produce anyway) plus a few ``(B, chunk, V)`` tempo
 instead of the three or more full-size tensors of ``log_softmax`` + ``gather`` under
 autograd (or of ``F.cross_entropy``). CLM and fusion share the same buffer and the same
 log-partition when ``temp == 1``. Not twice differentiable.
+
+The teacher's tail (``tail_bucket=True``). A top-k teacher renormalised to 1 teaches
+overconfidence: the student is pushed to put *all* its mass on k tokens, which made
+students worse than where they started when used alone (SPEC §6). With the tail bucket the
+teacher keeps its true probabilities and its mass outside the ids is one more category;
+the student is compared on the same K + 1 categories (:class:`~fuselm.train.sparse_ce.
+CoarseLogProbs`), and a temperature acts on those categories for both sides
+(:class:`~fuselm.train.sparse_ce.FusionTarget`). ``temperature_squared`` multiplies the
+fusion term by T² (Hinton et al. 2015) so that its gradient keeps its size as T changes.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from fuselm.train.sparse_ce import (
     IGNORE_INDEX,
+    CoarseLogProbs,
     FusionKind,
-    _check_fusion_options,
-    _check_logits_labels,
-    _check_teacher,
-    _clm_targets,
-    _FusionTarget,
-    _SparseTargetCE,
+    FusionTarget,
+    SparseTargetCE,
+    check_fusion_options,
+    check_logits_labels,
+    check_teacher,
+    clm_targets,
     shifted_target_mask,
 )
 
-__all__ = ["IGNORE_INDEX", "clm_loss", "combined_loss", "fusion_loss", "shifted_target_mask"]
+__all__ = [
+    "IGNORE_INDEX",
+    "LossTerms",
+    "clm_loss",
+    "combined_loss",
+    "fusion_loss",
+    "loss_terms",
+    "shifted_target_mask",
+]
 
 
 def clm_loss(
@@ -73,12 +93,123 @@ def clm_loss(
     Returns:
         Scalar float32 loss (0 with a zero gradient if no position has a target).
     """
-    _check_logits_labels(student_logits, labels, ignore_index)
-    mask, next_ids = _clm_targets(labels, ignore_index)
-    _, nll = _SparseTargetCE.apply(
-        student_logits, None, None, None, None, 1.0, next_ids, mask, chunk_size
-    )
+    check_logits_labels(student_logits, labels, ignore_index)
+    mask, next_ids = clm_targets(labels, ignore_index)
+    _, nll = SparseTargetCE.apply(student_logits, None, None, None, 1.0, next_ids, mask, chunk_size)
     return torch.where(mask, nll, 0.0).sum() / mask.sum().clamp_min(1)
+
+
+@dataclass
+class LossTerms:
+    """The two terms of the objective, still differentiable, and what they were made of.
+
+    Attributes:
+        clm: mean CLM NLL over the shifted target mask (0 when not computed).
+        fusion: mean fusion term over the positions with a teacher row (T²-scaled when
+            asked; 0 without a teacher).
+        clm_tokens: positions of the CLM mean.
+        fusion_tokens: positions of the fusion mean.
+        diagnostics: detached sums about the gold next token (see
+            :meth:`~fuselm.train.sparse_ce.FusionTarget.gold_diagnostics`); empty without
+            a teacher or without the CLM term.
+    """
+
+    clm: Tensor
+    fusion: Tensor
+    clm_tokens: Tensor
+    fusion_tokens: Tensor
+    diagnostics: dict[str, Tensor]
+
+
+def loss_terms(
+    student_logits: Tensor,
+    labels: Tensor,
+    teacher_ids: Tensor | None = None,
+    teacher_logprobs: Tensor | None = None,
+    *,
+    kind: FusionKind = "ce",
+    temperature: float = 1.0,
+    tail_bucket: bool = False,
+    teacher_tail_logmass: Tensor | None = None,
+    temperature_squared: bool = False,
+    with_clm: bool = True,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int | None = None,
+) -> LossTerms:
+    """Both terms of the objective from one pass over the logits (see :func:`fusion_loss`).
+
+    Without a teacher only the CLM term is computed. The caller weights the terms (a fixed
+    λ, or from their gradient magnitudes, :mod:`fuselm.train.step`).
+
+    Args:
+        student_logits: ``(B, T, V)``.
+        labels: ``(B, T)``.
+        teacher_ids: ``(B, T, K)`` or None (CLM only).
+        teacher_logprobs: ``(B, T, K)`` or None.
+        kind: ``"ce"`` or ``"kl"``.
+        temperature: fusion temperature (the CLM term always uses 1).
+        tail_bucket: keep the teacher's tail as one category (see :func:`fusion_loss`).
+        teacher_tail_logmass: ``(B, T)`` log of the teacher's mass outside its ids (the
+            tail bucket's mass; also reported in the diagnostics).
+        temperature_squared: multiply the fusion term by ``temperature ** 2``.
+        with_clm: compute the CLM term (and the diagnostics, which need it).
+        ignore_index: label value without a target.
+        chunk_size: positions per chunk of the vocabulary-wide work.
+
+    Returns:
+        The terms.
+    """
+    check_logits_labels(student_logits, labels, ignore_index)
+    mask, next_ids = clm_targets(labels, ignore_index)
+    clm_ids, clm_mask = (next_ids, mask) if with_clm else (None, None)
+    zero = torch.zeros((), device=student_logits.device)
+    if teacher_ids is None or teacher_logprobs is None:
+        _, nll = SparseTargetCE.apply(
+            student_logits, None, None, None, 1.0, clm_ids, clm_mask, chunk_size
+        )
+        clm = torch.where(mask, nll, 0.0).sum() / mask.sum().clamp_min(1)
+        no = torch.zeros((), dtype=torch.long, device=clm.device)
+        return LossTerms(clm if with_clm else zero, zero, mask.sum(), no, {})
+    check_fusion_options(kind, temperature)
+    check_teacher(
+        student_logits, teacher_ids, teacher_logprobs, teacher_tail_logmass, labels, ignore_index
+    )
+    target = FusionTarget.build(
+        teacher_ids,
+        teacher_logprobs,
+        labels,
+        temperature,
+        tail_bucket,
+        teacher_tail_logmass,
+        ignore_index,
+    )
+    if tail_bucket:
+        coarse, nll = CoarseLogProbs.apply(
+            student_logits, target.ids, target.entry, clm_ids, clm_mask, chunk_size
+        )
+        fus_total, fus_count = (
+            target.coarse_loss(coarse, temperature, kind).sum(),
+            target.mask.sum(),
+        )
+    else:
+        ce, nll = SparseTargetCE.apply(
+            student_logits,
+            target.ids,
+            target.entry,
+            target.q,
+            temperature,
+            clm_ids,
+            clm_mask,
+            chunk_size,
+        )
+        fus_total, fus_count = target.reduce(ce, kind)
+    scale = temperature**2 if temperature_squared else 1.0
+    fusion = scale * fus_total / fus_count.clamp_min(1)
+    if not with_clm:
+        return LossTerms(zero, fusion, mask.sum(), fus_count, {})
+    clm = torch.where(mask, nll, 0.0).sum() / mask.sum().clamp_min(1)
+    diag = target.gold_diagnostics(next_ids, nll, teacher_tail_logmass)
+    return LossTerms(clm, fusion, mask.sum(), fus_count, diag)
 
 
 def fusion_loss(
@@ -91,6 +222,7 @@ def fusion_loss(
     temperature: float = 1.0,
     tail_bucket: bool = False,
     teacher_tail_logmass: Tensor | None = None,
+    temperature_squared: bool = False,
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -104,17 +236,15 @@ def fusion_loss(
     Teacher distribution ``q``:
 
     - ``tail_bucket=False`` (paper): ``q`` is the teacher renormalised over its top-k,
-      ``q ∝ exp(teacher_logprobs / temperature)``. The top-k mass is thereby inflated to 1:
-      the student is pushed to put *all* its mass on the k ids.
+      ``q ∝ exp(teacher_logprobs / temperature)``, and the student is
+      ``softmax(student_logits / temperature)`` over the full vocabulary. The top-k mass
+      is thereby inflated to 1: the student is pushed to put *all* its mass on the k ids.
     - ``tail_bucket=True``: ``q`` keeps the teacher's true probabilities and the mass it
       puts outside the top-k (``teacher_tail_logmass``, or ``1 - sum q`` if not given)
       becomes one extra category, compared with the student's total mass outside the
       teacher's ids (summed over those tokens, not computed as 1 - top-k mass). The
-      student is then only asked to match the *total* tail mass. It needs
-      ``temperature == 1``: the tempered tail ``sum p(v)^(1/temp)`` over unseen ids cannot
-      be recovered from the top-k.
-
-    The student is ``p = softmax(student_logits / temperature)`` over the full vocabulary.
+      student is then only asked to match the *total* tail mass. The temperature tempers
+      both sides' K + 1 categories (see :class:`~fuselm.train.sparse_ce.FusionTarget`).
 
     Positions are averaged over the shifted target mask (see :func:`shifted_target_mask`)
     intersected with "the teacher row has at least one entry" (rows of only -1 have no
@@ -129,7 +259,8 @@ def fusion_loss(
         temperature: softening of student and teacher (> 0); 1 in the paper.
         tail_bucket: add the teacher's tail mass as one extra category (see above).
         teacher_tail_logmass: ``(B, T)`` log of the teacher's mass outside its ids
-            (from capture); only with ``tail_bucket``.
+            (from align); the tail bucket's mass.
+        temperature_squared: multiply the loss by ``temperature ** 2`` (Hinton et al.).
         ignore_index: label value without a target.
         chunk_size: positions per chunk of the vocabulary-wide work (default: about 2^22
             logits per chunk).
@@ -140,35 +271,24 @@ def fusion_loss(
 
     Raises:
         ValueError: on bad shapes, ids outside ``[-1, V)``, duplicate ids in a row, NaN
-            teacher log-probabilities at used entries, ``temperature <= 0``, an unknown
-            ``kind``, or ``tail_bucket`` with ``temperature != 1``.
+            teacher log-probabilities at used entries, ``temperature <= 0`` or an unknown
+            ``kind``.
     """
-    _check_logits_labels(student_logits, labels, ignore_index)
-    target = _fusion_target(
+    t = loss_terms(
         student_logits,
+        labels,
         teacher_ids,
         teacher_logprobs,
-        labels,
-        kind,
-        temperature,
-        tail_bucket,
-        teacher_tail_logmass,
-        ignore_index,
+        kind=kind,
+        temperature=temperature,
+        tail_bucket=tail_bucket,
+        teacher_tail_logmass=teacher_tail_logmass,
+        temperature_squared=temperature_squared,
+        with_clm=False,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
     )
-    ce, _ = _SparseTargetCE.apply(
-        student_logits,
-        target.ids,
-        target.entry,
-        target.q,
-        target.q_tail,
-        temperature,
-        None,
-        None,
-        chunk_size,
-    )
-    total, count = target.reduce(ce, kind)
-    loss = total / count.clamp_min(1)
-    return loss, {"fusion": loss.detach(), "fusion_tokens": count.detach()}
+    return t.fusion, {"fusion": t.fusion.detach(), "fusion_tokens": t.fusion_tokens.detach()}
 
 
 def combined_loss(
@@ -182,15 +302,17 @@ def combined_loss(
     temperature: float = 1.0,
     tail_bucket: bool = False,
     teacher_tail_logmass: Tensor | None = None,
+    temperature_squared: bool = False,
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """FuseLLM's training objective ``lam · CLM + (1 - lam) · fusion`` (Eq. 1).
 
     Both terms are computed in one pass over the logits and their gradients accumulate in
-    one buffer; the student's log-partition is shared when ``temperature == 1``. With
-    ``lam == 1`` (the CLM-only control) the teacher is not needed and not used; the fusion
-    part is then reported as 0 with 0 tokens.
+    one buffer; the student's log-partition is shared when ``temperature == 1`` (always
+    with the tail bucket, whose student side is at temperature 1). With ``lam == 1`` (the
+    CLM-only control) the teacher is not needed and not used; the fusion part is then
+    reported as 0 with 0 tokens.
 
     Both terms are means over their own valid positions: CLM over the shifted target mask,
     fusion over the positions of that mask that have a teacher row.
@@ -205,12 +327,14 @@ def combined_loss(
         temperature: fusion temperature (the CLM term always uses 1).
         tail_bucket: see :func:`fusion_loss`.
         teacher_tail_logmass: ``(B, T)``; see :func:`fusion_loss`.
+        temperature_squared: see :func:`fusion_loss`.
         ignore_index: label value without a target.
         chunk_size: see :func:`fusion_loss`.
 
     Returns:
         ``(loss, parts)`` with detached parts ``clm``, ``fusion``, ``total`` (each logged
-        separately) and the token counts ``clm_tokens``, ``fusion_tokens``.
+        separately), the token counts ``clm_tokens``, ``fusion_tokens``, and the gold
+        diagnostics' sums when there is a teacher.
 
     Raises:
         ValueError: ``lam`` outside [0, 1], a missing teacher with ``lam < 1``, or any
@@ -218,82 +342,29 @@ def combined_loss(
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1] (1 = CLM-only control), got {lam}")
-    _check_logits_labels(student_logits, labels, ignore_index)
-    mask, next_ids = _clm_targets(labels, ignore_index)
-    if lam == 1.0:
-        _, nll = _SparseTargetCE.apply(
-            student_logits, None, None, None, None, 1.0, next_ids, mask, chunk_size
-        )
-        clm_count = mask.sum()
-        clm = torch.where(mask, nll, 0.0).sum() / clm_count.clamp_min(1)
-        fusion = torch.zeros((), device=clm.device)
-        fus_count = torch.zeros((), dtype=torch.long, device=clm.device)
-        loss = clm
-    else:
-        if teacher_ids is None or teacher_logprobs is None:
-            raise ValueError(f"lam={lam} < 1 needs teacher_ids and teacher_logprobs")
-        target = _fusion_target(
-            student_logits,
-            teacher_ids,
-            teacher_logprobs,
-            labels,
-            kind,
-            temperature,
-            tail_bucket,
-            teacher_tail_logmass,
-            ignore_index,
-        )
-        ce, nll = _SparseTargetCE.apply(
-            student_logits,
-            target.ids,
-            target.entry,
-            target.q,
-            target.q_tail,
-            temperature,
-            next_ids,
-            mask,
-            chunk_size,
-        )
-        clm_count = mask.sum()
-        clm = torch.where(mask, nll, 0.0).sum() / clm_count.clamp_min(1)
-        fus_total, fus_count = target.reduce(ce, kind)
-        fusion = fus_total / fus_count.clamp_min(1)
-        loss = lam * clm + (1.0 - lam) * fusion
+    if lam < 1.0 and (teacher_ids is None or teacher_logprobs is None):
+        raise ValueError(f"lam={lam} < 1 needs teacher_ids and teacher_logprobs")
+    use = lam < 1.0
+    t = loss_terms(
+        student_logits,
+        labels,
+        teacher_ids if use else None,
+        teacher_logprobs if use else None,
+        kind=kind,
+        temperature=temperature,
+        tail_bucket=tail_bucket,
+        teacher_tail_logmass=teacher_tail_logmass if use else None,
+        temperature_squared=temperature_squared,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+    )
+    loss = t.clm if not use else lam * t.clm + (1.0 - lam) * t.fusion
     parts = {
-        "clm": clm.detach(),
-        "fusion": fusion.detach(),
+        "clm": t.clm.detach(),
+        "fusion": t.fusion.detach(),
         "total": loss.detach(),
-        "clm_tokens": clm_count.detach(),
-        "fusion_tokens": fus_count.detach(),
+        "clm_tokens": t.clm_tokens.detach(),
+        "fusion_tokens": t.fusion_tokens.detach(),
+        **t.diagnostics,
     }
     return loss, parts
-
-
-# --------------------------------------------------------------------------- internals
-
-
-def _fusion_target(
-    student_logits: Tensor,
-    teacher_ids: Tensor,
-    teacher_logprobs: Tensor,
-    labels: Tensor,
-    kind: str,
-    temperature: float,
-    tail_bucket: bool,
-    teacher_tail_logmass: Tensor | None,
-    ignore_index: int,
-) -> _FusionTarget:
-    """Validate the teacher and options, then build the sparse target (both losses use it)."""
-    _check_fusion_options(kind, temperature, tail_bucket, teacher_tail_logmass)
-    _check_teacher(
-        student_logits, teacher_ids, teacher_logprobs, teacher_tail_logmass, labels, ignore_index
-    )
-    return _FusionTarget.build(
-        teacher_ids,
-        teacher_logprobs,
-        labels,
-        temperature,
-        tail_bucket,
-        teacher_tail_logmass,
-        ignore_index,
-    )

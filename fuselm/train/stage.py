@@ -169,6 +169,7 @@ def train_variant(
         save_dtype=save_dtype,
         desc=f"train {variant}",
         drop_checkpoints=False,  # removed below, once the manifest is written
+        teacher_names=teachers,
     )
     try:
         result = trainer.train()

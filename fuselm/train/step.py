@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fuselm.artifacts import StageError
-from fuselm.train.losses import combined_loss
+from fuselm.train.losses import loss_terms
 
 
 class TrainingError(StageError):
@@ -31,6 +31,8 @@ class TrainSettings:
     fusion_loss: str = "ce"
     temperature: float = 1.0
     tail_bucket: bool = False
+    temperature_squared: bool = False
+    loss_weighting: str = "fixed"
     learning_rate: float = 1e-5
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -50,6 +52,10 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
             raise TrainingError(f"train.clm_weight (λ) must be in [0, 1], got {self.lam}")
+        if self.loss_weighting not in WEIGHTINGS:
+            raise TrainingError(
+                f"train.loss_weighting {self.loss_weighting!r}; use one of {', '.join(WEIGHTINGS)}"
+            )
         if self.lr_scheduler not in SCHEDULES:
             raise TrainingError(
                 f"train.lr_scheduler {self.lr_scheduler!r}; use one of {', '.join(SCHEDULES)}"
@@ -72,6 +78,7 @@ class TrainSettings:
 # --------------------------------------------------------------------------- schedule
 
 SCHEDULES = ("cosine", "linear", "constant")
+WEIGHTINGS = ("fixed", "grad_balanced")
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -147,21 +154,41 @@ def mixed_precision(precision: str) -> str:
 # --------------------------------------------------------------------------- loss
 
 
+# Per-step sums a fusion micro-batch adds to the train log (``micro_batch_loss``), in order.
+STEP_SUMS = (
+    "clm",  # sum of CLM NLLs
+    "fusion",  # sum of fusion terms
+    "lam",  # sum over micro-batches of the CLM weight used (x their CLM positions)
+    "gold_inside",
+    "teacher_gold_nll",
+    "student_gold_nll",
+    "gold_outside",
+    "tail_mass",
+)
+
+
 def micro_batch_loss(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     s: TrainSettings,
     clm_total: float,
     fusion_total: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of one micro-batch as its share of the step's token-weighted objective.
 
     The step objective is ``lam · (sum of CLM NLLs) / clm_total + (1 - lam) · (sum of
     fusion terms) / fusion_total`` over the whole global batch (all micro-batches, all
     processes). For this micro-batch with ``n_c`` / ``n_f`` positions, the share is
     ``a · clm_mean + b · fusion_mean`` with ``a = lam · n_c / clm_total`` and ``b = (1 -
-    lam) · n_f / fusion_total``; it is computed as ``(a + b) · combined_loss(lam=a/(a+b))``
-    so that both terms still share one pass over the logits.
+    lam) · n_f / fusion_total``.
+
+    ``lam`` is ``clm_weight`` with ``loss_weighting: fixed``. With ``grad_balanced`` it is
+    set per micro-batch so that ``clm_weight`` is the CLM term's share of the gradient
+    *magnitude* (as tokenkit balances its losses; 0.5 = equal contributions): with ``g_c``,
+    ``g_f`` the norms of the two mean terms' gradients with respect to the logits (the
+    last layer's output, where both terms enter),
+    ``lam = (w / g_c) / (w / g_c + (1 - w) / g_f)`` for ``w = clm_weight``. It costs two
+    more vocabulary-wide backward passes of the loss (not of the model).
 
     The model is called without labels: its own loss would materialise another
     ``(B, T, V)`` tensor.
@@ -169,33 +196,62 @@ def micro_batch_loss(
     Args:
         model: the (possibly wrapped) causal LM.
         batch: output of :func:`fuselm.train.batching.collate`, on the model's device.
-        s: the settings (λ, fusion kind, temperature, tail bucket).
+        s: the settings (λ, weighting, fusion kind, temperature, tail bucket).
         clm_total: CLM positions of the whole step (all processes).
         fusion_total: fusion positions of the whole step (all processes).
 
     Returns:
-        ``(loss, clm_sum, fusion_sum)``: the share to back-propagate (not yet multiplied
-        by processes x accumulation steps), and the detached sums of this micro-batch's
-        CLM NLLs and fusion terms (for logging).
+        ``(loss, sums)``: the share to back-propagate (not yet multiplied by processes x
+        accumulation steps), and the detached ``STEP_SUMS`` of this micro-batch (float32,
+        on the logits' device) for the log.
     """
     out = model(input_ids=batch["input_ids"], use_cache=False)
     logits = out.logits  # (B, L, V)
     n_c = float(batch["clm_tokens"])
     n_f = float(batch["fusion_tokens"]) if s.uses_teacher else 0.0
-    a = s.lam * n_c / clm_total if clm_total > 0 else 0.0
-    b = (1.0 - s.lam) * n_f / fusion_total if fusion_total > 0 and s.uses_teacher else 0.0
-    if a + b == 0.0:  # nothing to learn here; keep the graph so DDP's hooks still fire
-        zero = logits.sum() * 0.0
-        return zero, zero.detach(), zero.detach()
-    lam_here = min(1.0, a / (a + b))
-    loss, parts = combined_loss(
+    if n_c == 0.0:  # nothing to learn here; keep the graph so DDP's hooks still fire
+        return logits.sum() * 0.0, logits.new_zeros(len(STEP_SUMS), dtype=torch.float32)
+    use = s.uses_teacher and n_f > 0
+    terms = loss_terms(
         logits,
         batch["labels"],
-        batch.get("teacher_ids") if lam_here < 1.0 else None,
-        batch.get("teacher_logprobs") if lam_here < 1.0 else None,
-        lam=lam_here,
+        batch.get("teacher_ids") if use else None,
+        batch.get("teacher_logprobs") if use else None,
         kind=s.fusion_loss,  # type: ignore[arg-type]
         temperature=s.temperature,
         tail_bucket=s.tail_bucket,
+        teacher_tail_logmass=batch.get("teacher_tail_logmass") if use else None,
+        temperature_squared=s.temperature_squared,
     )
-    return loss * (a + b), parts["clm"] * n_c, parts["fusion"] * n_f
+    lam = s.lam
+    if use and s.loss_weighting == "grad_balanced":
+        lam = _balanced_lam(logits, terms, s.lam)
+    a = lam * n_c / clm_total if clm_total > 0 else 0.0
+    b = (1.0 - lam) * n_f / fusion_total if use and fusion_total > 0 else 0.0
+    loss = a * terms.clm + b * terms.fusion if use else a * terms.clm
+    # Detached sums for the log, left on the device: reading them here would sync.
+    zero = logits.new_zeros((), dtype=torch.float32)
+    values = [terms.clm.detach() * n_c, terms.fusion.detach() * n_f, zero + lam * n_c]
+    values += [terms.diagnostics.get(k, zero) for k in STEP_SUMS[3:]]
+    return loss, torch.stack([v.to(torch.float32) for v in values])
+
+
+def _balanced_lam(logits: torch.Tensor, terms: Any, share: float) -> float:
+    """λ giving the CLM term ``share`` of the gradient magnitude at the logits.
+
+    Both norms are of the *mean* terms' gradients with respect to the logits; each
+    ``autograd.grad`` runs the loss's own backward (one transient ``(B, T, V)`` buffer),
+    never the model's.
+    """
+    if share in (0.0, 1.0):
+        return share
+    (g_c,) = torch.autograd.grad(terms.clm, logits, retain_graph=True)
+    n_c = float(g_c.float().norm())
+    del g_c
+    (g_f,) = torch.autograd.grad(terms.fusion, logits, retain_graph=True)
+    n_f = float(g_f.float().norm())
+    del g_f
+    if n_c == 0.0 or n_f == 0.0:  # one term has nothing to say: the other takes all
+        return 1.0 if n_f == 0.0 else 0.0
+    w_c, w_f = share / n_c, (1.0 - share) / n_f
+    return w_c / (w_c + w_f)

@@ -369,7 +369,7 @@ class StreamingExamples:
             seen = self._counted.setdefault(s, np.zeros(len(self._shard_rows(s)[1]), bool))
             if not seen[b]:
                 seen[b] = True
-                _merge_fusion(self.fusion, data.fusion)
+                self.fusion.add(data.fusion)
         return data.examples
 
     def digest(self, step: Sequence[Sequence[int]]) -> str:
@@ -384,25 +384,13 @@ class StreamingExamples:
         return out.hexdigest()[:16]
 
 
-def _merge_fusion(into: FusionStats, add: FusionStats) -> None:
-    """Add one block's fusion counts into the running totals."""
-    into.blocks += add.blocks
-    into.positions += add.positions
-    into.selected = [a + b for a, b in zip(into.selected, add.selected, strict=True)]
-    into.no_teacher += add.no_teacher
-    into.max_width = max(into.max_width, add.max_width)
-    for dom, counts in add.by_domain.items():
-        cur = into.by_domain.setdefault(dom, [0] * len(into.sources))
-        into.by_domain[dom] = [a + b for a, b in zip(cur, counts, strict=True)]
-
-
 def merge_fusion_stats(parts: Sequence[dict[str, Any] | None], sources: list[str]) -> FusionStats:
     """Combine the per-process fusion counts (``vars(FusionStats)``) into one."""
     total = FusionStats(sources=list(sources), selected=[0] * len(sources))
     for p in parts:
         if p:
             total.fallback = p["fallback"]
-            _merge_fusion(total, FusionStats(**p))
+            total.add(FusionStats(**p))
     return total
 
 

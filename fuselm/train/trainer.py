@@ -47,8 +47,9 @@ from fuselm.train.batching import (
     count_steps,
     rank_slice,
 )
-from fuselm.train.data import TrainExample
+from fuselm.train.data import GOLD, NO_TEACHER, TrainExample
 from fuselm.train.step import (
+    STEP_SUMS,
     TrainingError,
     TrainSettings,
     build_optimizer,
@@ -133,6 +134,7 @@ class Trainer:
         stop_after: int | None = None,
         desc: str = "train",
         drop_checkpoints: bool = True,
+        teacher_names: Sequence[str] = (),
     ) -> None:
         """Set up a run (nothing is loaded until :meth:`train`).
 
@@ -153,6 +155,8 @@ class Trainer:
             drop_checkpoints: delete the checkpoints once the final model is saved; the
                 train stage passes False and calls :meth:`remove_checkpoints` after its
                 manifest is written.
+            teacher_names: the fused teachers in fusion order (names in the log's
+                ``led_by``; indices are used when not given).
         """
         self.load_model = load_model
         # A list of rows (built in memory), or an example source that plans and fetches
@@ -177,6 +181,7 @@ class Trainer:
         )
         self.desc = desc
         self.drop_checkpoints = drop_checkpoints
+        self.teacher_names = list(teacher_names)
         if settings.uses_teacher and self.examples is not None:
             bare = [e.block_id for e in self.examples if e.teacher_ids is None]
             if bare:
@@ -252,7 +257,8 @@ class Trainer:
                 for b in micro
             ]
             n_c, n_f, n_in = _sum_over_processes(acc, [sum(x) for x in zip(*local, strict=True)])
-            sums = torch.zeros(2, dtype=_stat_dtype(acc.device), device=acc.device)
+            sums = torch.zeros(len(STEP_SUMS), dtype=_stat_dtype(acc.device), device=acc.device)
+            led = self._led_counts(micro) if s.uses_teacher else None
             grad_norm = None
             lr = float(scheduler.get_last_lr()[0])
             for batch in micro:
@@ -261,21 +267,22 @@ class Trainer:
                     for k, v in batch.items()
                 }
                 with acc.accumulate(model):
-                    loss, c_sum, f_sum = micro_batch_loss(model, batch, s, n_c, n_f)
+                    loss, part = micro_batch_loss(model, batch, s, n_c, n_f)
                     # Undo the averaging over processes (DDP) and accumulation steps
                     # (accelerate): the shares already sum to the step objective.
                     acc.backward(loss * world * s.grad_accum)
-                    sums += torch.stack([c_sum, f_sum]).to(sums)
+                    sums += part.to(sums)
                     if acc.sync_gradients:
                         gn = acc.clip_grad_norm_(model.parameters(), s.max_grad_norm)
                         grad_norm = float(gn) if gn is not None else None
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            c_tot, f_tot = _sum_over_processes(acc, sums.tolist())
-            clm = c_tot / n_c if n_c else 0.0
-            fusion = f_tot / n_f if n_f and s.uses_teacher else 0.0
-            total_loss = s.lam * clm + (1.0 - s.lam) * fusion
+            step_sums = dict(zip(STEP_SUMS, _sum_over_processes(acc, sums.tolist()), strict=True))
+            clm = step_sums["clm"] / n_c if n_c else 0.0
+            fusion = step_sums["fusion"] / n_f if n_f and s.uses_teacher else 0.0
+            lam = step_sums["lam"] / n_c if n_c and s.uses_teacher else s.lam
+            total_loss = lam * clm + (1.0 - lam) * fusion
             if not math.isfinite(total_loss):
                 raise TrainingError(
                     f"{self.desc}: non-finite loss at step {step + 1} (clm {clm}, fusion "
@@ -301,6 +308,11 @@ class Trainer:
                         "skipped": bool(getattr(acc, "optimizer_step_was_skipped", False)),
                         "rows": self.source.digest(plan[step]),
                         "time": round(time.perf_counter() - t0, 4),
+                        **(
+                            _fusion_diagnostics(step_sums, lam, led, self.teacher_names)
+                            if s.uses_teacher
+                            else {}
+                        ),
                     }
                 )
             if bar is not None:
@@ -342,6 +354,13 @@ class Trainer:
             global_batch=global_batch,
             model_dir=str(model_dir),
         )
+
+    def _led_counts(self, micro: list[dict[str, torch.Tensor]]) -> dict[int, int]:
+        """Positions of this process's share of the step led by each teacher (or gold)."""
+        codes = torch.cat([b["teacher_source"].flatten() for b in micro if "teacher_source" in b])
+        codes = codes[codes != NO_TEACHER]
+        values, counts = codes.unique(return_counts=True)
+        return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
 
     # ---- checkpoints
     def remove_checkpoints(self) -> None:
@@ -463,6 +482,40 @@ class Trainer:
             faults.point(f"model {final}")
             log.info("%s: model saved to %s", self.desc, final)
         return final
+
+
+def _fusion_diagnostics(
+    sums: dict[str, float], lam: float, led: dict[int, int] | None, names: Sequence[str]
+) -> dict[str, Any]:
+    """The per-step fusion diagnostics of the train log (see ``STEP_SUMS``).
+
+    ``teacher_gold_nll`` vs ``student_gold_nll``: the fused target's and the student's
+    negative log-probability of the gold next token, averaged over the positions where the
+    gold is among the target's ids; when the teacher is not clearly lower, the fusion term
+    teaches nothing the labels do not. ``gold_outside``: share of fusion positions whose
+    gold is not among the ids. ``tail_mass``: the teacher's mean mass outside its ids.
+    ``led_by``: share of positions led by each teacher (``gold``: the gate gave the gold
+    one-hot); counted on this process's rows only.
+    """
+    inside = sums["gold_inside"]
+    fus = inside + sums["gold_outside"]
+    out: dict[str, Any] = {
+        "lam": round(lam, 6),
+        "teacher_gold_nll": sums["teacher_gold_nll"] / inside if inside else None,
+        "student_gold_nll": sums["student_gold_nll"] / inside if inside else None,
+        "gold_outside": sums["gold_outside"] / fus if fus else None,
+        "tail_mass": sums["tail_mass"] / fus if fus else None,
+    }
+    if led:
+        total = sum(led.values())
+
+        def name(code: int) -> str:
+            if code == GOLD:
+                return "gold"
+            return names[code] if code < len(names) else str(code)
+
+        out["led_by"] = {name(c): round(n / total, 4) for c, n in sorted(led.items())}
+    return out
 
 
 def _stat_dtype(device: torch.device) -> torch.dtype:

@@ -22,7 +22,14 @@ VARIANTS = ("fused", "control")
 PAIR_PREFIX = "pair-"  # pairwise targets (fuse.mode: pairwise): train/pair-<source>
 # Train settings that only shape the fusion term: the control's identity leaves them out,
 # so that changing them does not make the control stale.
-_FUSION_ONLY = ("clm_weight", "fusion_loss", "temperature", "tail_bucket")
+_FUSION_ONLY = (
+    "clm_weight",
+    "loss_weighting",
+    "fusion_loss",
+    "temperature",
+    "temperature_squared",
+    "tail_bucket",
+)
 
 
 def variant_names(cfg: PipelineConfig) -> list[str]:
@@ -148,10 +155,19 @@ def variant_components(cfg: PipelineConfig, variant: str, base: dict[str, Any]) 
 
 
 def _align_manifest(run_dir: Path, name: str) -> dict[str, Any]:
+    from fuselm.align.store import FORMAT_VERSION
+
     man = Stage(run_dir, f"align/{name}").manifest()
     if man is None:
         raise StageError(
             f"train: {run_dir / 'align' / name} is not finished; run `fuselm align` first"
+        )
+    found = man.get("components", {}).get("format")
+    if found != FORMAT_VERSION:
+        raise StageError(
+            f"train: {run_dir / 'align' / name} was written in align format {found}, without "
+            "the teacher's tail mass that the fused target keeps (format "
+            f"{FORMAT_VERSION}); re-run `fuselm align --force` (captures are reused)"
         )
     return man
 
