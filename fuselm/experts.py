@@ -322,17 +322,26 @@ def continual_train(
     seed: int = 0,
     weight_decay: float = 0.0,
     warmup_steps: int | None = None,
+    validation: Sequence[str] | Sequence[Sequence[int]] | None = None,
+    eval_every: int = 0,
+    patience: int = 2,
     desc: str = "",
 ) -> Path:
     """Train the model in ``model_dir`` as a causal LM on ``data`` for ``steps``; cached.
+
+    With ``validation`` and ``eval_every``, the mean token NLL on the validation rows is
+    measured every ``eval_every`` steps (and before the first); training stops once it
+    has not improved for ``patience`` measurements in a row ("until its validation loss
+    stops improving"), and the weights of the best measurement are saved. The curve, the
+    best step and whether it stopped early are recorded in ``fuselm-expert.json``.
 
     Args:
         model_dir: a saved causal LM + tokenizer.
         data: texts (tokenised here with the model's tokenizer and packed by
             ``token_blocks``) or rows of token ids (used as given, one row each).
         out_dir: output folder (model + tokenizer + ``fuselm-expert.json`` with losses).
-        steps: optimiser steps; rows are shuffled with ``seed`` and reused in a new order
-            when ``steps * batch_size`` exceeds them.
+        steps: optimiser steps (the most, with early stopping); rows are shuffled with
+            ``seed`` and reused in a new order when ``steps * batch_size`` exceeds them.
         seq_len: row length in tokens (texts only).
         batch_size: rows per step.
         lr: peak learning rate (linear warm-up, then cosine decay to 10% of it).
@@ -340,6 +349,9 @@ def continual_train(
         weight_decay: AdamW weight decay (0 by default: a short run should not shrink
             what pre-training learned).
         warmup_steps: linear warm-up steps (default: 10% of ``steps``, at least 1).
+        validation: held-out texts (or token rows) for early stopping; None = no stopping.
+        eval_every: steps between validation measurements (0 = none).
+        patience: measurements without improvement before stopping.
         desc: label for the progress bar.
 
     Returns:
@@ -347,8 +359,6 @@ def continual_train(
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from fuselm.progress import progress
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_model_dir(model_dir, "model")
@@ -358,6 +368,11 @@ def continual_train(
         )
     if not data:
         raise ExpertError("no training data given to continual_train")
+    stopping = bool(validation) and eval_every > 0
+    if (validation is not None or eval_every) and not stopping:
+        raise ExpertError("early stopping needs both validation data and eval_every > 0")
+    if stopping and patience < 1:
+        raise ExpertError(f"patience must be >= 1, got {patience}")
     warmup = max(1, steps // 10) if warmup_steps is None else max(1, warmup_steps)
     hyper = {
         "steps": steps,
@@ -368,6 +383,9 @@ def continual_train(
         "weight_decay": weight_decay,
         "warmup_steps": warmup,
     }
+    if stopping:
+        assert validation is not None
+        hyper.update(validation=_data_digest(validation), eval_every=eval_every, patience=patience)
     components = {
         "kind": "continual",
         "format": FORMAT_VERSION,
@@ -379,62 +397,147 @@ def continual_train(
         return out_dir
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    if isinstance(data[0], str):
-        rows = token_blocks(tok, data, seq_len)  # type: ignore[arg-type]
-        if not rows:
-            raise ExpertError(f"the training texts hold fewer than seq_len={seq_len} tokens")
-    else:
-        rows = [list(r) for r in data]
+    rows = _rows(tok, data, seq_len, "training")
+    val_rows = _rows(tok, validation, seq_len, "validation") if stopping else []
     torch.manual_seed(seed)
-    rng = random.Random(seed)
-    order: list[int] = []
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    losses: list[float] = []
-    tokens_seen = 0
-    bar = progress(total=steps, desc=desc or f"training {out_dir.name}", unit="step")
-    for step in range(steps):
-        batch = []
-        while len(batch) < batch_size:
-            if not order:
-                order = list(range(len(rows)))
-                rng.shuffle(order)
-            batch.append(rows[order.pop()])
-        width = max(len(r) for r in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for j, r in enumerate(batch):
-            ids[j, : len(r)] = torch.tensor(r)
-            labels[j, : len(r)] = torch.tensor(r)
-            mask[j, : len(r)] = 1
-        for group in opt.param_groups:
-            group["lr"] = lr * _lr_at(step, steps, warmup)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-        if not torch.isfinite(loss):
-            raise ExpertError(f"training {out_dir.name}: loss is {loss.item()} at step {step}")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(round(float(loss.item()), 5))
-        tokens_seen += int(mask.sum())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        bar.update(1)
-    bar.close()
-    model.eval()
+    run = _Run(model, rows, val_rows, lr, weight_decay, seed)
+    best = run.fit(steps, warmup, batch_size, eval_every if stopping else 0, patience, desc)
     tmp = _tmp_dir(out_dir)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=best)
         tok.save_pretrained(tmp)
         extra = {
-            "losses": losses,
-            "tokens_seen": tokens_seen,
+            "losses": run.losses,
+            "tokens_seen": run.tokens_seen,
             "rows": len(rows),
             "seconds": time.time() - t0,
         }
+        if stopping:
+            extra["validation"] = run.curve
         _publish(tmp, out_dir, components, extra)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _rows(tok: Any, data: Sequence[Any] | None, seq_len: int, what: str) -> list[list[int]]:
+    """Texts -> packed rows (``token_blocks``); token rows are used as given."""
+    if not data:
+        return []
+    if isinstance(data[0], str):
+        rows = token_blocks(tok, data, seq_len)  # type: ignore[arg-type]
+        if not rows:
+            raise ExpertError(f"the {what} texts hold fewer than seq_len={seq_len} tokens")
+        return rows
+    return [list(r) for r in data]
+
+
+def _batch(rows: Sequence[Sequence[int]]) -> tuple[Any, Any, Any]:
+    """Right-padded ``(input_ids, attention_mask, labels)`` of some rows."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, : len(r)] = torch.tensor(r)
+        labels[j, : len(r)] = torch.tensor(r)
+        mask[j, : len(r)] = 1
+    return ids, mask, labels
+
+
+class _Run:
+    """One continual-training run: optimiser steps, validation, the best weights so far."""
+
+    def __init__(
+        self,
+        model: Any,
+        rows: list[list[int]],
+        val_rows: list[list[int]],
+        lr: float,
+        weight_decay: float,
+        seed: int,
+    ) -> None:
+        import torch
+
+        self.model, self.rows, self.val_rows, self.lr = model, rows, val_rows, lr
+        self.opt = torch.optim.AdamW(
+            model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay
+        )
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+        self.losses: list[float] = []
+        self.curve: list[dict[str, float | int]] = []
+        self.tokens_seen = 0
+
+    def fit(
+        self, steps: int, warmup: int, batch_size: int, eval_every: int, patience: int, desc: str
+    ) -> dict[str, Any]:
+        """Train; return the state dict to save (the best validated one, or the last)."""
+        from fuselm.progress import progress
+
+        best_loss, best_state, waited = math.inf, None, 0
+        bar = progress(total=steps, desc=desc or "training expert", unit="step")
+        for step in range(steps + 1):
+            if eval_every and step % eval_every == 0 or eval_every and step == steps:
+                loss = self.validate()
+                self.curve.append({"step": step, "loss": round(loss, 5)})
+                if loss < best_loss - 1e-4:
+                    best_loss, best_state, waited = loss, self._snapshot(), 0
+                    self.curve[-1]["best"] = 1
+                else:
+                    waited += 1
+                    if waited >= patience:
+                        log.info("%s: validation stopped improving at step %d", desc, step)
+                        break
+            if step == steps:
+                break
+            self._step(step, steps, warmup, batch_size)
+            bar.set_postfix(loss=f"{self.losses[-1]:.3f}")
+            bar.update(1)
+        bar.close()
+        self.model.eval()
+        return best_state if best_state is not None else self.model.state_dict()
+
+    def _step(self, step: int, steps: int, warmup: int, batch_size: int) -> None:
+        import torch
+
+        batch = []
+        while len(batch) < batch_size:
+            if not self.order:
+                self.order = list(range(len(self.rows)))
+                self.rng.shuffle(self.order)
+            batch.append(self.rows[self.order.pop()])
+        ids, mask, labels = _batch(batch)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * _lr_at(step, steps, warmup)
+        self.model.train()
+        loss = self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        if not torch.isfinite(loss):
+            raise ExpertError(f"training: loss is {loss.item()} at step {step}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.losses.append(round(float(loss.item()), 5))
+        self.tokens_seen += int(mask.sum())
+
+    def validate(self) -> float:
+        """Mean token NLL over the validation rows (model in eval mode, no gradient)."""
+        import torch
+
+        self.model.eval()
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(self.val_rows), 4):
+                ids, mask, labels = _batch(self.val_rows[i : i + 4])
+                out = self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+                n = int((labels[:, 1:] != -100).sum())
+                nll, count = nll + float(out.loss) * n, count + n
+        return nll / max(count, 1)
+
+    def _snapshot(self) -> dict[str, Any]:
+        """A CPU copy of the current weights (the best so far)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}

@@ -167,3 +167,29 @@ def test_continual_train_same_seed_same_weights(base_and_tokenizers, tmp_path):
     wa, wb = _emb(a)[1], _emb(b)[1]
     assert torch.equal(wa, wb)
     assert expert_info(a)["losses"] == expert_info(b)["losses"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # tied and untied embeddings
+def test_continual_train_stops_when_validation_stops_improving(base_and_tokenizers, tmp_path, arch):
+    # Training text that is useless for the validation text: validation gets worse at a
+    # large learning rate, so the run must stop early and keep the best (earliest) weights.
+    train = [[5, 6, 7, 8, 9, 10, 11, 12] * 4] * 8
+    val = [[30, 41, 17, 22, 9, 35, 28, 13] * 4] * 2
+    kw = dict(steps=40, batch_size=2, lr=3e-2, seed=0)
+    out = continual_train(
+        base_and_tokenizers[arch], train, tmp_path / "es", validation=val, eval_every=2,
+        patience=2, **kw,
+    )  # fmt: skip
+    info = expert_info(out)
+    curve = info["validation"]
+    assert curve[0]["step"] == 0 and len(info["losses"]) < 40  # stopped before the end
+    best = min(curve, key=lambda c: c["loss"])
+    assert best.get("best") == 1
+    # The saved weights are the best measurement's: their validation loss matches it.
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor(val)
+    with torch.no_grad():
+        loss = float(model(input_ids=ids, labels=ids).loss)
+    assert loss == pytest.approx(best["loss"], abs=1e-3)
+    with pytest.raises(ExpertError, match="needs both validation data and eval_every"):
+        continual_train(base_and_tokenizers[arch], train, tmp_path / "x", validation=val, **kw)

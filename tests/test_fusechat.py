@@ -85,7 +85,8 @@ def test_pairwise_then_merge_eval_report(tiny_models, tmp_path, capsys):
         "tgt-fused (fused)",
     ):
         assert name in report
-    assert "Overall the merged model" in report
+    assert "The merged model (merged minus the other, bits per byte):" in report
+    assert "- vs the pivot: " in report and "95% interval" in report
 
     # Streaming training data serves the pairwise variants too, each fusing its own pair.
     run2 = tmp_path / "run-stream"
