@@ -417,7 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
             "sources.0.dtype=bfloat16 (list items by index or name). "
             "All fields: configs/reference.yaml. Chat data (FuseChat): jsonl rows with "
             "`messages`; each model's own chat template is applied and prompts are masked. "
-            "Fuse-then-merge: fuse.mode=pairwise, then `fuselm merge` (merge.method=sce)."
+            "Fuse-then-merge: fuse.mode=pairwise, then `fuselm merge` (merge.method=sce). "
+            "The teacher's tail: train.tail_bucket=true (temperature on the k ids + rest); "
+            "distil only where a teacher knows more: fuse.gate=teacher_better; paper's "
+            "recipe: configs/paper.yaml."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -511,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--measure",
         action="store_true",
         help="load the weights: time a few capture batches and training steps here, "
-        "measure the real top-k mass and bytes per position",
+        "measure the real top-k mass and bytes per position, and score every model on the "
+        "same sample: do the teachers beat the target (bits per byte per domain)?",
     )
     p.add_argument(
         "--throughput",
@@ -552,9 +556,14 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # Overrides may come after options (`status DIR -c run.yaml a.b=c`); argparse leaves
     # those over, so collect them here rather than forcing an argument order on users.
-    if "--debug" in extra:  # accepted after the command too: `fuselm run x.yaml --debug`
+    # The global flags are accepted after the command too, as git and pip do:
+    # `fuselm run x.yaml --debug`, `fuselm train -c run.yaml -q`.
+    if "--debug" in extra:
         extra = [e for e in extra if e != "--debug"]
         args.debug = True
+    if "-q" in extra or "--quiet" in extra:
+        extra = [e for e in extra if e not in ("-q", "--quiet")]
+        args.quiet = True
     debug = args.debug or os.environ.get("FUSELM_DEBUG", "") not in ("", "0")
     bad = [e for e in extra if e.startswith("-") or "=" not in e]
     if bad or (extra and not hasattr(args, "overrides")):

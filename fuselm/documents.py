@@ -40,7 +40,12 @@ class Document:
 # --------------------------------------------------------------------------- reading
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _decode(data: bytes, origin: str, errors: str) -> str:
+    # A UTF-8 byte-order mark (as editors on Windows write it) is encoding, not text.
+    data = data.removeprefix(UTF8_BOM)
     try:
         return data.decode("utf-8", errors="strict" if errors == "strict" else "replace")
     except UnicodeDecodeError as e:
@@ -143,6 +148,8 @@ def _jsonl_lines(path: Path, errors: str) -> Iterator[tuple[int, str]]:
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(UTF8_BOM):
+                offset, raw = len(UTF8_BOM), raw[len(UTF8_BOM) :]
             try:
                 line = raw.decode("utf-8", errors="strict" if errors == "strict" else "replace")
             except UnicodeDecodeError as e:
@@ -161,7 +168,7 @@ def _json_array(path: Path) -> bool:
     if path.suffix.lower() != ".json":
         return False
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        head = f.read(4096).removeprefix(UTF8_BOM).lstrip(b" \t\r\n")
     return head.startswith(b"[")
 
 

@@ -326,7 +326,7 @@ def test_real_templates_align_turns_as_well_as_plain_text(source):
 
     root = Path(REAL)
     if not (root / "smollm2").is_dir() or not (root / source).is_dir():
-        pytest.skip("tokenizer not available")
+        pytest.skip(f"{source} (or smollm2) not under FUSELM_REAL_TOKENIZERS")
     tgt = AutoTokenizer.from_pretrained(root / "smollm2")
     src = AutoTokenizer.from_pretrained(root / source)
     msgs = CONVS[0] + [

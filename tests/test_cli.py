@@ -78,3 +78,15 @@ def test_stray_arguments_are_rejected(capsys):
     with pytest.raises(SystemExit) as e:
         main(["status", "somewhere", "--bogus"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("flag", ["-q", "--quiet"])
+def test_quiet_after_the_command(base_config, write_config, tmp_path, flag, monkeypatch):
+    import os
+
+    monkeypatch.setenv("FUSELM_QUIET", "")
+    cfg = write_config(base_config)
+    # As git and pip do: the global flag also after the command and its options (it used
+    # to fail with "unrecognized arguments: -q").
+    assert main(["prepare", "-c", str(cfg), "-o", str(tmp_path / "r"), flag]) == 0
+    assert os.environ["FUSELM_QUIET"] == "1"

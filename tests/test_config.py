@@ -88,6 +88,13 @@ def test_yaml_and_overrides(write_config, tmp_path):
         (["sources.0.dtype=fp8"], ["sources[0].dtype", "auto, float32, bfloat16, float16"]),
         (["sources.0.device=gpu"], ["sources[0].device", "cuda:N"]),
         (["train.lr"], ["expected section.field=value"]),
+        # Options that used to be accepted and ignored (eval.unit) or refused at train time
+        # (fuse.ce_unit: char) are gone: bits per byte is the one unit.
+        (["eval.unit=char"], ["unknown key 'eval.unit'"]),
+        (["fuse.ce_unit=char"], ["unknown key 'fuse.ce_unit'"]),
+        (["fuse.gate=sometimes"], ["fuse.gate", "teacher_better"]),
+        (["train.loss_weighting=magic"], ["train.loss_weighting", "grad_balanced"]),
+        (["fuse.gate=teacher_better", "target.as_source=false"], ["needs the target captured"]),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(write_config, overrides, expected):

@@ -328,3 +328,11 @@ def test_measure_and_throughput(cfg_for):
     assert tgt["capture"]["seconds_throughput"] == pytest.approx(tgt["tokens"] / 1e4)
     assert tgt["train"]["seconds_throughput"] == pytest.approx(tgt["train"]["tokens"] * 3 / 1e4)
     assert json.loads(to_json(rep))["measure"]["spm"]["capture"]["bytes_per_position"] > 0
+    # Teachers vs target on the same gold text, per domain, in the text report.
+    for name in ("tgt", "spm"):
+        bpb = m[name]["capture"]["bits_per_byte"]
+        assert bpb["all"] > 0 and set(bpb) >= {"all"}
+    text = to_text(rep)
+    assert "Teachers vs target on the sample's gold text" in text
+    t, s_ = m["tgt"]["capture"]["bits_per_byte"]["all"], m["spm"]["capture"]["bits_per_byte"]["all"]
+    assert f"{s_:.4f} ({t - s_:+.4f})" in text

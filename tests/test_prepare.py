@@ -265,6 +265,22 @@ def test_invalid_utf8_names_file_and_offset(base_config, write_config, tmp_path)
     assert "h\ufffdllo" in _blocks(tmp_path / "run")[0]["text"]
 
 
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.txt"])
+def test_utf8_bom_is_read_as_text(base_config, write_config, tmp_path, name):
+    # Editors on Windows start UTF-8 files with a byte-order mark; it is not text.
+    f = tmp_path / name
+    body = {
+        "d.jsonl": '{"text": "The first line of prose."}\n{"text": "A second document."}\n',
+        "d.json": '[{"text": "The first line of prose."}, {"text": "A second document."}]',
+        "d.txt": "The first line of prose.\nA second document.\n",
+    }[name]
+    f.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    _prepare(_with_inputs(base_config, [{"path": str(f)}]), write_config, tmp_path)
+    texts = [b["text"] for b in _blocks(tmp_path / "run")]
+    assert texts and all("\ufeff" not in t for t in texts)
+    assert any(t.startswith("The first line of prose.") for t in texts)
+
+
 def test_jsonl_problems_name_file_and_line(base_config, write_config, tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "ok"}\n{"body": "no text here"}\n')

@@ -211,9 +211,6 @@ class FuseConfig:
     level: Literal["sequence", "token"] = _f(
         "sequence", "Compare sources per block (paper) or per token position."
     )
-    ce_unit: Literal["byte", "char"] = _f(
-        "byte", "Normalise cross-entropies per byte or per character of text covered."
-    )
     max_k: int = _f(0, "Keep at most this many fused entries per position (0 = all).")
     avg_weighting: Literal["softmax", "inverse"] = _f(
         "softmax", "avg_ce weights: softmax(-CE / avg_temperature) or normalised 1/CE."
@@ -336,7 +333,6 @@ class EvalConfig:
     """Stage 6 (eval): what is compared and how."""
 
     control: bool = _f(True, "Also train and evaluate a CLM-only control (λ = 1, same budget).")
-    unit: Literal["byte", "char"] = _f("byte", "Cross-tokenizer metric: bits per byte or char.")
     lm_eval_tasks: list[str] = _f([], "lm-evaluation-harness tasks to run (optional extra).")
     lm_eval_include: str = _f(
         "", "Folder of extra lm-eval task YAMLs + local data (paths relative to each YAML)."

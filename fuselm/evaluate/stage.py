@@ -176,7 +176,6 @@ def eval_components(
         "trained": trained,
         "eval": {
             "max_blocks": cfg.eval.max_blocks,
-            "unit": cfg.eval.unit,
             "lm_eval": [
                 cfg.eval.lm_eval_tasks,
                 cfg.eval.lm_eval_include,

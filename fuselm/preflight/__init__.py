@@ -147,7 +147,7 @@ def run_inspect(
 
     # 5. Measurements (optional) and the cost estimate.
     prep = prepare_tokens(Path(run_dir or cfg.run_dir) if (run_dir or cfg.run_dir) else None)
-    measured = _measure(cfg, ctx.toks, smp.texts, ctx.facts) if measure else None
+    measured = _measure(cfg, ctx.toks, smp, ctx.facts) if measure else None
     topk = {n: v["capture"].pop("_topk") for n, v in (measured or {}).items() if "capture" in v}
     for entry in pair_out:
         top = topk.get(entry["source"])
@@ -316,11 +316,13 @@ def _vocab_fit(name: str, f: Any, tok: Any) -> tuple[str | None, dict[str, Any] 
 
 
 def _measure(
-    cfg: PipelineConfig, toks: dict[str, Any], texts: list[str], facts: dict[str, Any]
+    cfg: PipelineConfig, toks: dict[str, Any], smp: Any, facts: dict[str, Any]
 ) -> dict[str, Any]:
     """Run the measurements per model; failures are reported, not raised."""
     out: dict[str, Any] = {}
     target = cfg.target.resolved_name()
+    texts = smp.texts
+    blocks = measure.common_blocks(cfg, toks, smp.texts, smp.domains)
     for m in cfg.models():
         name = m.resolved_name()
         res: dict[str, Any] = {}
@@ -350,7 +352,7 @@ def _measure(
             res["load_seconds"] = round(load_s, 2)
             is_teacher = any(t is m for t in cfg.teachers())
             if is_teacher:
-                res["capture"] = measure.measure_capture(cfg, m, toks[name], model, texts)
+                res["capture"] = measure.measure_capture(cfg, m, toks[name], model, blocks)
             if name == target:
                 tdt = estimate.train_dtype(cfg.train.precision, gpu)
                 seq = min(cfg.train.seq_len, measure.CPU_TRAIN_SEQ_CAP if not gpu else 10**9)

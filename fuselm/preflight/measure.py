@@ -86,41 +86,68 @@ def load(m: ModelConfig) -> tuple[Any, Any, Any, float]:
     return model, device, dtype, time.perf_counter() - t0
 
 
+def common_blocks(
+    cfg: PipelineConfig, toks: dict[str, Any], texts: list[str], domains: list[str]
+) -> list[tuple[str, str]]:
+    """The sample as ``(text, domain)`` blocks that fit every model, the same for all.
+
+    Every model is measured on exactly these texts, so their cross-entropies on the gold
+    text compare (the teachers-vs-target table). Each text is cut at a token boundary of
+    every tokenizer in turn (a prefix that fits one still fits the ones before), and
+    blocks are taken until the target has ``CAPTURE_BATCHES`` batches of
+    ``capture.batch_tokens``.
+    """
+    from fuselm.models import model_context, special_tokens_added
+
+    limits = []
+    for m in cfg.models():
+        tok = toks.get(m.resolved_name())
+        if tok is not None:
+            ctx = model_context(m)
+            limit = min(ctx or cfg.corpus.block_tokens, cfg.corpus.block_tokens)
+            limits.append((tok, max(2, limit - special_tokens_added(tok, m.bos))))
+    target = toks.get(cfg.target.resolved_name())
+    budget = CAPTURE_BATCHES * cfg.capture.batch_tokens
+    out: list[tuple[str, str]] = []
+    tokens = 0
+    for text, dom in zip(texts, domains or ["default"] * len(texts), strict=True):
+        if tokens >= budget:
+            break
+        for tok, limit in limits:
+            text = (cut_to_tokens(tok, [text], limit) or [""])[0]
+        if text.strip():
+            out.append((text, dom))
+            tokens += len(target(text, add_special_tokens=False)["input_ids"]) if target else 1
+    return out
+
+
 def measure_capture(
-    cfg: PipelineConfig, m: ModelConfig, tok: Any, model: Any, texts: list[str]
+    cfg: PipelineConfig, m: ModelConfig, tok: Any, model: Any, blocks_in: list[tuple[str, str]]
 ) -> dict[str, Any]:
-    """Time the capture path on the sample and keep its real top-k.
+    """Time the capture path on the sample, keep its real top-k and its gold cross-entropy.
 
     Args:
         cfg: the pipeline config (``capture.*``, ``corpus.block_tokens``).
         m: the model's config.
         tok: its fast tokenizer.
         model: the loaded model (eval mode).
-        texts: the sample documents.
+        blocks_in: ``(text, domain)`` from :func:`common_blocks` (the same for every model).
 
     Returns:
         ``tokens``, ``blocks``, ``seconds``, ``tokens_per_second``, ``bytes_per_position``
-        (the real encoded rows as one shard), ``topk_mass_mean`` and the private ``_topk``
-        ``(ids, logprobs)`` arrays (N, K) for the mass measurement.
+        (the real encoded rows as one shard), ``topk_mass_mean``, ``bits_per_byte`` per
+        domain (and ``all``) of the gold text, and the private ``_topk`` ``(ids, logprobs)``
+        arrays (N, K) for the mass measurement.
     """
     from fuselm.capture import storage
     from fuselm.capture.stage import Block, Capturer
-    from fuselm.models import model_context, special_tokens_added
+    from fuselm.evaluate.scoring import LN2, predicted_bytes
+    from fuselm.models import model_context
     from fuselm.preflight.estimate import parquet_bytes
 
     k = cfg.capture.top_k
     ctx = model_context(m)
-    limit = min(ctx or cfg.corpus.block_tokens, cfg.corpus.block_tokens)
-    limit -= special_tokens_added(tok, m.bos)
-    cut = cut_to_tokens(tok, texts, max(2, limit))
-    # Enough blocks for CAPTURE_BATCHES batches of the configured size (or the sample).
-    budget = CAPTURE_BATCHES * cfg.capture.batch_tokens
-    blocks, tokens = [], 0
-    for i, text in enumerate(cut):
-        if tokens >= budget:
-            break
-        blocks.append(Block(f"sample#{i}", f"{i:064x}", text))
-        tokens += len(tok(text, add_special_tokens=False)["input_ids"])
+    blocks = [Block(f"sample#{i}", f"{i:064x}", text) for i, (text, _) in enumerate(blocks_in)]
     if not blocks:
         raise ValueError("the sample has no text to capture")
     capturer = Capturer(
@@ -145,7 +172,17 @@ def measure_capture(
     ids = np.concatenate([d.ids for d in decoded]) if decoded else np.zeros((0, k), np.int32)
     lps = np.concatenate([d.logprobs for d in decoded]) if decoded else np.zeros((0, k))
     mass = np.exp(lps.astype(np.float64)).sum(axis=1)
+    sums: dict[str, list[float]] = {}
+    for (text, dom), d in zip(blocks_in, decoded, strict=True):
+        nll = -float(np.asarray(d.gold, np.float64).sum())
+        nbytes = predicted_bytes(text, d.token_ids, d.offsets)
+        for key in (dom, "all"):
+            acc = sums.setdefault(key, [0.0, 0.0])
+            acc[0], acc[1] = acc[0] + nll, acc[1] + nbytes
     return {
+        "bits_per_byte": {
+            dom: round(nll / nbytes / LN2, 6) for dom, (nll, nbytes) in sums.items() if nbytes
+        },
         "blocks": len(blocks),
         "batches": batches,
         "tokens": n_tokens,

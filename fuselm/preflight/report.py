@@ -378,9 +378,58 @@ def _cost(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def knowledge(r: dict[str, Any]) -> list[str]:
+    """Teachers vs target on the sample's gold text, per domain (``--measure`` only).
+
+    Every model scored the same blocks (``measure.common_blocks``): bits per byte, and each
+    teacher's advantage over the target (target − teacher). A teacher can only teach where
+    its advantage is clearly positive; where none has one, fusion anchors the target to
+    where it started (consider ``fuse.gate``, other sources, or no fusion for that domain).
+    """
+    meas = r.get("measure") or {}
+    target = r.get("target")
+    bpb = {n: (m.get("capture") or {}).get("bits_per_byte") for n, m in meas.items()}
+    bpb = {n: v for n, v in bpb.items() if v}
+    if target not in bpb or len(bpb) < 2:
+        return []
+    domains = sorted(d for d in bpb[target] if d != "all") + ["all"]
+    names = [target] + sorted(n for n in bpb if n != target)
+    lines = [
+        "",
+        "Teachers vs target on the sample's gold text (--measure; bits per byte, the same "
+        "blocks for every model; (+x) = the teacher's advantage over the target):",
+        "  " + "domain".ljust(14) + "".join(n[:22].ljust(24) for n in names),
+    ]
+    for dom in domains:
+        t = bpb[target].get(dom)
+        cells = []
+        for n in names:
+            v = bpb[n].get(dom)
+            if v is None:
+                cells.append("-".ljust(24))
+            elif n == target or t is None:
+                cells.append(f"{v:.4f}".ljust(24))
+            else:
+                cells.append(f"{v:.4f} ({t - v:+.4f})".ljust(24))
+        lines.append("  " + dom[:13].ljust(14) + "".join(cells))
+    best = {
+        dom: max((bpb[target][dom] - bpb[n][dom] for n in names[1:] if dom in bpb[n]), default=None)
+        for dom in domains
+        if dom in bpb[target]
+    }
+    weak = [d for d, a in best.items() if d != "all" and a is not None and a <= 0]
+    if weak:
+        lines.append(
+            "  no teacher beats the target on: " + ", ".join(weak) + " (fusion can only anchor "
+            "the target there; fuse.gate: teacher_better trains those blocks with plain CLM)"
+        )
+    return lines
+
+
 def to_text(report: dict[str, Any]) -> str:
     """The report as plain-text tables."""
     lines = _header(report) + _tokenizers(report) + _pairs(report) + _cost(report)
+    lines += knowledge(report)
     v = report["verdict"]
     th = report["thresholds"]
     lines += [

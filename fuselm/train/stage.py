@@ -297,12 +297,14 @@ def model_card(
         lines += [
             f"- sources: {', '.join(f'`{n}`' for n in teachers)}"
             + (" (the target is source #0)" if cfg.target.as_source else ""),
-            f"- fusion: `{cfg.fuse.function}` at {cfg.fuse.level} level, CE per "
-            f"{cfg.fuse.ce_unit}; fallback `{cfg.align.fallback}`; alignment "
+            f"- fusion: `{cfg.fuse.function}` at {cfg.fuse.level} level, CE per byte; gate "
+            f"`{cfg.fuse.gate}`, positions `{cfg.fuse.positions}`; fallback "
+            f"`{cfg.align.fallback}`; alignment "
             f"`{cfg.align.method}`, vocabulary `{cfg.align.vocab}`",
             f"- teacher top-k: {cfg.capture.top_k} per source (fused rows up to "
             f"{fusion.get('max_fused_width', '?')} entries); fusion loss `{t.fusion_loss}`, "
-            f"temperature {t.temperature}, tail bucket {t.tail_bucket}",
+            f"temperature {t.temperature} (T² scaling {t.temperature_squared}), tail bucket "
+            f"{t.tail_bucket}, weighting `{t.loss_weighting}`",
             "- source selection share: "
             + (
                 "counted while training (train/fused/manifest.json)"

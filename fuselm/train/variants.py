@@ -67,7 +67,7 @@ def base_components(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
 
     Raises:
         StageError: no target or teachers, an unfinished alignment, an alignment made
-            for another target vocabulary, or an unsupported ``fuse.ce_unit``.
+            for another target vocabulary.
     """
     from fuselm.models import model_identity, tokenizer_identity
 
@@ -83,11 +83,6 @@ def base_components(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
         raise StageError(
             f"train: fuse.mode: {cfg.fuse.mode} trains one copy of the target per source, "
             "but no sources are configured; add sources or use fuse.mode: multi"
-        )
-    if cfg.fuse.ce_unit != "byte":
-        raise StageError(
-            "fuse.ce_unit: the align records count the text each prediction covers in bytes "
-            "only; use fuse.ce_unit: byte"
         )
     tok_digest = tokenizer_identity(cfg.target)
     if cfg.capture.mode == "online":  # no capture/align artifacts: the teachers themselves
