@@ -246,6 +246,66 @@ def _plot_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     return True
 
 
+def _heldout_points(rows: list[dict[str, Any]]) -> list[tuple[int, dict[str, float]]]:
+    """``(step, {domain: bits per byte})`` of the log lines that carry a measurement."""
+    return [(int(r["step"]), r["heldout_bpb"]) for r in rows if r.get("heldout_bpb")]
+
+
+def _plot_heldout(logs: dict[str, list[dict[str, Any]]], path: Path) -> bool:
+    """Held-out bits per byte over training: one axis per domain, one line per variant."""
+    points = {v: _heldout_points(rows) for v, rows in logs.items()}
+    points = {v: p for v, p in points.items() if p}
+    if not points:
+        return False
+    domains = sorted({d for p in points.values() for _, m in p for d in m if d != "all"})
+    domains.append("all")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(domains), figsize=(3.6 * len(domains), 3.4), squeeze=False)
+    for ax, dom in zip(axes[0], domains, strict=True):
+        for variant, p in points.items():
+            ax.plot([s for s, _ in p], [m.get(dom, float("nan")) for _, m in p], "o-",
+                    label=variant, markersize=3)  # fmt: skip
+        ax.set_title(f"held-out {dom}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("bits per byte")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
+def heldout_table(logs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Markdown: per variant, the first and last held-out measurement (and the best)."""
+    lines = []
+    for variant, rows in logs.items():
+        p = _heldout_points(rows)
+        if not p:
+            continue
+        first, last = p[0], p[-1]
+        best = min(p, key=lambda x: x[1].get("all", math.inf))
+        lines.append(
+            f"| {variant} | {first[1].get('all', float('nan')):.4f} (step {first[0]}) | "
+            f"{last[1].get('all', float('nan')):.4f} (step {last[0]}) | "
+            f"{best[1].get('all', float('nan')):.4f} (step {best[0]}) |"
+        )
+    if not lines:
+        return []
+    return [
+        "",
+        "## Held-out bits per byte during training",
+        "",
+        "Measured every `train.eval_every` steps on the same `train.eval_blocks` validation "
+        "blocks for every variant (a subset of what `fuselm eval` scores).",
+        "",
+        "| variant | first | last | best |",
+        "|---|---|---|---|",
+        *lines,
+        "",
+        "![held-out curves](heldout_curves.png)",
+    ]
+
+
 def _plot_selection(shares: dict[str, float], path: Path) -> bool:
     plt = _pyplot()
     if not shares:
@@ -375,6 +435,7 @@ def run_report(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
         for v in ("fused", "control", *pairs)
     }
     has_curves = _plot_curves(logs, out / "training_curves.png")
+    has_heldout = _plot_heldout(logs, out / "heldout_curves.png")
     shares = _selection_shares(Path(run_dir))
     has_shares = _plot_selection(shares, out / "source_selection.png")
 
@@ -431,6 +492,8 @@ def run_report(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
     lines += alignment_table(Path(run_dir))
     if has_curves:
         lines += ["", "## Training curves", "", "![training curves](training_curves.png)"]
+    if has_heldout:
+        lines += heldout_table(logs)
     if has_shares:
         lines += [
             "",

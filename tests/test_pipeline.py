@@ -60,3 +60,37 @@ def test_run_end_to_end_skip_and_repair(base_config, write_config, tmp_path, cap
     changed = {k for k in after if after[k] != before.get(k)}
     assert str(shard.relative_to(run_dir)) in changed
     assert all(k.startswith("capture/spm/") for k in changed), changed
+
+
+def test_run_with_heldout_curves_and_tensorboard(base_config, write_config, tmp_path):
+    """`train.eval_every` + `report_to: tensorboard`: held-out bits per byte during training
+    for the fused target and the control, in the log, TensorBoard's event files (read back,
+    no network) and the report's curves."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train = dict(base_config["train"], max_steps=4, eval_every=2, eval_blocks=4)
+    cfg = dict(base_config, sources=base_config["sources"][:1], train=train)
+    cfg["train"]["report_to"] = ["tensorboard"]
+    run_dir = tmp_path / "run"
+    assert main(["-q", "run", str(write_config(cfg)), "-o", str(run_dir)]) == 0
+    for variant in ("fused", "control"):
+        lines = [
+            json.loads(x)
+            for x in (run_dir / "train" / variant / "log.jsonl").read_text().splitlines()
+        ]
+        points = [x for x in lines if "heldout_bpb" in x]
+        assert [x["step"] for x in points] == [0, 2, 4]
+        assert points[0]["heldout_bpb"]["all"] > 0
+        events = list((run_dir / "train" / variant / "tracking").rglob("events.out.tfevents*"))
+        assert events, f"no TensorBoard events for {variant}"
+        tags = set()
+        for e in events:
+            acc = EventAccumulator(str(e))
+            acc.Reload()
+            tags |= set(acc.Tags()["scalars"])
+        assert {"loss/clm", "lr", "heldout_bpb/all"} <= tags
+        if variant == "fused":
+            assert {"loss/fusion", "fusion/teacher_gold_nll"} <= tags
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "## Held-out bits per byte during training" in report
+    assert (run_dir / "report" / "heldout_curves.png").stat().st_size > 2000

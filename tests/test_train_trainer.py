@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -249,3 +250,55 @@ def test_bad_settings():
         settings(lam=1.5)
     with pytest.raises(TrainingError, match="no teacher"):
         Trainer(lambda d: None, examples(2, teacher=False), settings(lam=0.5), "x", fingerprint="f")
+
+
+def heldout_set(n: int = 6, seed: int = 5):
+    from fuselm.train.heldout import HeldOut, HeldOutBlock
+
+    rng = np.random.default_rng(seed)
+    blocks = [
+        HeldOutBlock(f"v{i}", "ab"[i % 2], rng.integers(0, V, 12).astype(np.int64), 20)
+        for i in range(n)
+    ]
+    return HeldOut(blocks)
+
+
+def test_heldout_measurements_do_not_change_training(tmp_path):
+    model = tiny_model(dropout=0.2)
+    exs = examples(10)
+    plain = run(tmp_path / "plain", model, exs, settings(max_steps=6))
+    s = settings(max_steps=6, eval_every=2)
+    measured = run(tmp_path / "m", model, exs, s, heldout=heldout_set())
+    wa, wb = weights(tmp_path / "plain"), weights(tmp_path / "m")
+    for k in wa:  # eval mode, no gradient, no RNG drawn: the same training
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+    lines = log_lines(tmp_path / "m")
+    points = [(x["step"], x["heldout_bpb"]) for x in lines if "heldout_bpb" in x]
+    assert [p[0] for p in points] == [0, 2, 4, 6]  # before the first step, then every 2
+    assert set(points[0][1]) == {"a", "b", "all"} and all(v > 0 for v in points[0][1].values())
+    assert measured.heldout_bits_per_byte == points[-1][1] and measured.best_step is None
+    assert plain.heldout_bits_per_byte is None
+
+
+def test_keep_best_saves_the_best_measured_weights(tmp_path):
+    from accelerate import Accelerator
+
+    model = tiny_model()
+    # A learning rate so large that training ruins the held-out fit: the best is early.
+    s = settings(max_steps=6, eval_every=2, keep_best=True, learning_rate=0.5)
+    res = run(tmp_path / "kb", model, examples(10), s, heldout=heldout_set())
+    lines = log_lines(tmp_path / "kb")
+    points = {x["step"]: x["heldout_bpb"]["all"] for x in lines if "heldout_bpb" in x}
+    best_step = min(points, key=points.get)
+    assert res.best_step == best_step < 6
+    assert res.best_heldout_bits_per_byte == points[best_step]
+    assert not (tmp_path / "kb" / "best").exists()  # moved into model/
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "kb" / "model")
+    again = heldout_set().measure(saved, Accelerator(cpu=True), contextlib.nullcontext)
+    assert again["all"] == pytest.approx(points[best_step], abs=1e-5)
+    with pytest.raises(TrainingError, match="keep_best needs held-out measurements"):
+        run(tmp_path / "x", model, examples(4), settings(max_steps=2, keep_best=True))
+    with pytest.raises(TrainingError, match="no held-out blocks"):
+        run(tmp_path / "y", model, examples(4), settings(max_steps=2, eval_every=1))

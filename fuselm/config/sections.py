@@ -251,6 +251,21 @@ class FuseConfig:
             raise _invalid("gate_scale", self.gate_scale, "use a positive number (nats/byte)")
 
 
+# accelerate's trackers (accelerate.utils.LoggerType), named here so that a typo is an
+# error at load time without importing accelerate.
+TRACKERS = (
+    "tensorboard",
+    "wandb",
+    "mlflow",
+    "comet_ml",
+    "aim",
+    "clearml",
+    "dvclive",
+    "swanlab",
+    "trackio",
+)
+
+
 @dataclass
 class TrainConfig:
     """Stage 5 (train): continual training of the target."""
@@ -310,6 +325,27 @@ class TrainConfig:
     shuffle_shards: int = _f(
         4, "Streaming: shards whose rows are shuffled together (memory ~ 2x this many shards)."
     )
+    eval_every: int = _f(
+        200,
+        "Measure held-out bits per byte per domain every N optimiser steps (and before the "
+        "first) on train.eval_blocks validation blocks, fused target and control alike; "
+        "logged with the step (log.jsonl, trackers, report curves). 0 = off; runs shorter "
+        "than N steps measure nothing.",
+    )
+    eval_blocks: int = _f(
+        16, "Validation blocks per measurement (spread over the domains; the same each time)."
+    )
+    keep_best: bool = _f(
+        False,
+        "Save the weights of the best held-out measurement as the final model (selection on "
+        "validation, i.e. early stopping); the manifest records the step. Needs eval_every.",
+    )
+    report_to: list[str] = _f(
+        [],
+        "Trackers, through accelerate: tensorboard (writes train/<variant>/tracking/), wandb "
+        "(honours WANDB_MODE=offline), mlflow, comet_ml, aim, clearml, dvclive, swanlab, "
+        "trackio; none by default. Each needs its own package installed.",
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.clm_weight <= 1.0:
@@ -326,6 +362,11 @@ class TrainConfig:
             raise ConfigError("max_steps and save_steps must be >= 0")
         if self.shuffle_shards < 1:
             raise _invalid("shuffle_shards", self.shuffle_shards, "use a positive count")
+        if self.eval_every < 0 or self.eval_blocks < 1:
+            raise ConfigError("train.eval_every must be >= 0 and train.eval_blocks >= 1")
+        bad = [t for t in self.report_to if t not in TRACKERS]
+        if bad:
+            raise _invalid("report_to", bad, f"use any of {', '.join(TRACKERS)} (or none: [])")
 
 
 @dataclass

@@ -157,6 +157,12 @@ def train_variant(
             )
         return model
 
+    heldout = None
+    if cfg.train.eval_every > 0:
+        from fuselm.train.heldout import HeldOut, heldout_blocks
+
+        blocks = heldout_blocks(run_dir, tokenizer, cfg.target.bos, cfg.train.eval_blocks)
+        heldout = HeldOut(blocks, pad_id)
     trainer = Trainer(
         load,
         rows,
@@ -170,6 +176,7 @@ def train_variant(
         desc=f"train {variant}",
         drop_checkpoints=False,  # removed below, once the manifest is written
         teacher_names=teachers,
+        heldout=heldout,
     )
     try:
         result = trainer.train()

@@ -48,6 +48,9 @@ class TrainSettings:
     seed: int = 42
     save_steps: int = 0
     gradient_checkpointing: bool = False
+    eval_every: int = 0
+    keep_best: bool = False
+    report_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
@@ -67,6 +70,7 @@ class TrainSettings:
     def from_config(cls, train: Any, lam: float | None = None) -> TrainSettings:
         """Build from a :class:`fuselm.config.TrainConfig` (``lam`` overrides λ)."""
         shared = {f.name: getattr(train, f.name) for f in fields(cls) if f.name != "lam"}
+        shared["report_to"] = tuple(shared["report_to"])
         return cls(lam=train.clm_weight if lam is None else lam, **shared)
 
     @property

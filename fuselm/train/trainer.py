@@ -48,6 +48,7 @@ from fuselm.train.batching import (
     rank_slice,
 )
 from fuselm.train.data import GOLD, NO_TEACHER, TrainExample
+from fuselm.train.heldout import HeldOut
 from fuselm.train.step import (
     STEP_SUMS,
     TrainingError,
@@ -66,6 +67,8 @@ CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: marks it complete
 LOG_FILE = "log.jsonl"
 MODEL_DIR = "model"
+BEST_DIR = "best"  # train.keep_best: the best measured weights so far (becomes model/)
+TRACKING_DIR = "tracking"  # train.report_to: where file-based trackers (TensorBoard) write
 STOP_ENV = "FUSELM_TRAIN_STOP_AFTER"  # test hook: stop (as if killed) after N steps
 
 
@@ -97,10 +100,36 @@ class TrainResult:
     processes: int
     global_batch: int
     model_dir: str
+    heldout_bits_per_byte: dict[str, float] | None = None
+    best_step: int | None = None
+    best_heldout_bits_per_byte: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         return asdict(self)
+
+
+@dataclass
+class _StepOut:
+    """What one optimiser step measured (all processes summed)."""
+
+    clm: float
+    fusion: float
+    lam: float
+    total: float
+    lr: float
+    grad_norm: float | None
+    n_c: float
+    n_f: float
+    n_in: float
+    sums: dict[str, float]
+    led: dict[int, int] | None
+    skipped: bool
+
+    def postfix(self, rate: float) -> str:
+        """The progress bar's text."""
+        fusion = f" fusion {self.fusion:.3f}" if self.n_f else ""
+        return f"clm {self.clm:.3f}{fusion} {rate:,.0f} tok/s"
 
 
 class Trainer:
@@ -135,6 +164,7 @@ class Trainer:
         desc: str = "train",
         drop_checkpoints: bool = True,
         teacher_names: Sequence[str] = (),
+        heldout: HeldOut | None = None,
     ) -> None:
         """Set up a run (nothing is loaded until :meth:`train`).
 
@@ -157,6 +187,8 @@ class Trainer:
                 manifest is written.
             teacher_names: the fused teachers in fusion order (names in the log's
                 ``led_by``; indices are used when not given).
+            heldout: validation blocks measured every ``settings.eval_every`` steps (and
+                before the first); needed for ``eval_every`` and ``keep_best``.
         """
         self.load_model = load_model
         # A list of rows (built in memory), or an example source that plans and fetches
@@ -182,6 +214,9 @@ class Trainer:
         self.desc = desc
         self.drop_checkpoints = drop_checkpoints
         self.teacher_names = list(teacher_names)
+        self.heldout = heldout
+        self.heldout_last: dict[str, float] | None = None
+        self.best: tuple[int, float] | None = None  # (step, held-out bits/byte) of BEST_DIR
         if settings.uses_teacher and self.examples is not None:
             bare = [e.block_id for e in self.examples if e.teacher_ids is None]
             if bare:
@@ -203,18 +238,89 @@ class Trainer:
             mixed_precision=mixed_precision(s.precision),
             gradient_accumulation_steps=s.grad_accum,
             step_scheduler_with_optimizer=False,  # stepped once per optimiser step, below
+            log_with=list(s.report_to) or None,
+            project_dir=str(self.out / TRACKING_DIR),
         )
-        world, rank = acc.num_processes, acc.process_index
-        global_micro = s.batch_size * world
-        global_batch = global_micro * s.grad_accum
+        world = acc.num_processes
+        global_batch = s.batch_size * world * s.grad_accum
         total = count_steps(len(self.source), global_batch, s.epochs, s.max_steps)
         if total == 0:
             raise TrainingError("no training rows: nothing to train on")
+        self._check_heldout(total)
         plan = self.source.plan(
-            steps=total, micro_batch=global_micro, grad_accum=s.grad_accum, seed=s.seed
+            steps=total, micro_batch=s.batch_size * world, grad_accum=s.grad_accum, seed=s.seed
         )
         set_seed(s.seed)
+        model, optimizer, scheduler = self._prepare(acc, total)
+        start, tokens_seen, fusion_seen = self._maybe_resume(acc, global_batch, total)
+        if acc.is_main_process:
+            self._truncate_log(start)
+        if s.report_to:
+            acc.init_trackers(self.out.name, config=_hparams(s))
+        if start == 0 and self._measuring(total):
+            self._heldout_line(acc, model, 0, time.perf_counter())
+        bar = None
+        if acc.is_main_process:
+            from fuselm.progress import progress
 
+            bar = progress(total=total, initial=start, desc=self.desc, unit="step")
+        t0 = time.perf_counter()
+        steps_done = tokens_run = 0
+        last = None
+        for step in range(start, total):
+            last = self._step(acc, model, optimizer, scheduler, plan[step], step)
+            tokens_seen += int(last.n_c)
+            fusion_seen += int(last.n_f)
+            tokens_run += int(last.n_in)
+            steps_done += 1
+            done = step + 1
+            heldout = None
+            if self._measuring(total) and done % s.eval_every == 0:
+                heldout = self._measure_heldout(acc, model, done)
+            self._report_step(acc, last, done, plan[step], tokens_seen, t0, tokens_run, heldout)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(last.postfix(tokens_run / max(time.perf_counter() - t0, 1e-9)))
+            faults.point(f"step {self.out} {done}")
+            if s.save_steps and done % s.save_steps == 0 and done < total:
+                self._save_checkpoint(acc, done, tokens_seen, fusion_seen, global_batch, total)
+            if self.stop_after is not None and done >= self.stop_after and done < total:
+                if bar is not None:
+                    bar.close()
+                acc.wait_for_everyone()
+                raise TrainingInterrupted(f"{self.desc}: stopped after step {done} (stop_after)")
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        model_dir = self._final_model(acc, model)
+        acc.wait_for_everyone()
+        if s.report_to:
+            acc.end_training()
+        if acc.is_main_process and self.drop_checkpoints:
+            self.remove_checkpoints()
+        return TrainResult(
+            steps=total,
+            resumed_from=start,
+            tokens=tokens_seen,
+            fusion_tokens=fusion_seen,
+            final_clm=last.clm if last else None,
+            final_fusion=last.fusion if last and s.uses_teacher else None,
+            final_total=last.total if last else None,
+            seconds=round(seconds, 3),
+            steps_per_second=round(steps_done / seconds, 4) if seconds > 0 else 0.0,
+            tokens_per_second=round(tokens_run / seconds, 1) if seconds > 0 else 0.0,
+            processes=world,
+            global_batch=global_batch,
+            model_dir=str(model_dir),
+            heldout_bits_per_byte=self.heldout_last,
+            best_step=self.best[0] if self.best else None,
+            best_heldout_bits_per_byte=self.best[1] if self.best else None,
+        )
+
+    # ---- one step
+    def _prepare(self, acc: Any, total: int) -> tuple[Any, Any, Any]:
+        """Model (float32 master weights), AdamW and the schedule, wrapped by accelerate."""
+        s = self.s
         # FSDP and DeepSpeed shard the model themselves: load it on the CPU for them.
         sharded = acc.distributed_type.name in ("FSDP", "DEEPSPEED")
         model = self.load_model(torch.device("cpu") if sharded else acc.device)
@@ -228,132 +334,175 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda i: lr_factor(i, total, warm, s.lr_scheduler)
         )
-        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        return acc.prepare(model, optimizer, scheduler)
 
-        start, tokens_seen, fusion_seen = self._maybe_resume(acc, global_batch, total)
-        if acc.is_main_process:
-            self._truncate_log(start)
-        last: dict[str, float] = {}
-        bar = None
-        if acc.is_main_process:
-            from fuselm.progress import progress
-
-            bar = progress(total=total, initial=start, desc=self.desc, unit="step")
-        t0 = time.perf_counter()
-        steps_done = 0
-        tokens_run = 0
-        for step in range(start, total):
-            micro = [
-                collate(
-                    self.source.fetch(rank_slice(m, rank, world)),
-                    pad_id=self.pad_id,
-                    with_teacher=s.uses_teacher,
-                )
-                for m in plan[step]
-            ]
-            # Positions of the whole step on all processes, known before any forward pass.
-            local = [
-                [float(b["clm_tokens"]), float(b["fusion_tokens"]), float(b["input_ids"].numel())]
-                for b in micro
-            ]
-            n_c, n_f, n_in = _sum_over_processes(acc, [sum(x) for x in zip(*local, strict=True)])
-            sums = torch.zeros(len(STEP_SUMS), dtype=_stat_dtype(acc.device), device=acc.device)
-            led = self._led_counts(micro) if s.uses_teacher else None
-            grad_norm = None
-            lr = float(scheduler.get_last_lr()[0])
-            for batch in micro:
-                batch = {  # the 0-dim counts stay on the CPU: reading them never syncs
-                    k: v.to(acc.device, non_blocking=True) if v.dim() else v
-                    for k, v in batch.items()
-                }
-                with acc.accumulate(model):
-                    loss, part = micro_batch_loss(model, batch, s, n_c, n_f)
-                    # Undo the averaging over processes (DDP) and accumulation steps
-                    # (accelerate): the shares already sum to the step objective.
-                    acc.backward(loss * world * s.grad_accum)
-                    sums += part.to(sums)
-                    if acc.sync_gradients:
-                        gn = acc.clip_grad_norm_(model.parameters(), s.max_grad_norm)
-                        grad_norm = float(gn) if gn is not None else None
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step_sums = dict(zip(STEP_SUMS, _sum_over_processes(acc, sums.tolist()), strict=True))
-            clm = step_sums["clm"] / n_c if n_c else 0.0
-            fusion = step_sums["fusion"] / n_f if n_f and s.uses_teacher else 0.0
-            lam = step_sums["lam"] / n_c if n_c and s.uses_teacher else s.lam
-            total_loss = lam * clm + (1.0 - lam) * fusion
-            if not math.isfinite(total_loss):
-                raise TrainingError(
-                    f"{self.desc}: non-finite loss at step {step + 1} (clm {clm}, fusion "
-                    f"{fusion}); lower train.learning_rate or use train.precision: float32"
-                )
-            tokens_seen += int(n_c)
-            fusion_seen += int(n_f)
-            tokens_run += int(n_in)
-            steps_done += 1
-            last = {"clm": clm, "fusion": fusion, "total": total_loss}
-            if acc.is_main_process:
-                self._log_line(
-                    {
-                        "step": step + 1,
-                        "clm": clm,
-                        "fusion": fusion if s.uses_teacher else None,
-                        "total": total_loss,
-                        "lr": lr,
-                        "tokens": int(n_c),
-                        "fusion_tokens": int(n_f),
-                        "tokens_seen": tokens_seen,
-                        "grad_norm": grad_norm,
-                        "skipped": bool(getattr(acc, "optimizer_step_was_skipped", False)),
-                        "rows": self.source.digest(plan[step]),
-                        "time": round(time.perf_counter() - t0, 4),
-                        **(
-                            _fusion_diagnostics(step_sums, lam, led, self.teacher_names)
-                            if s.uses_teacher
-                            else {}
-                        ),
-                    }
-                )
-            if bar is not None:
-                bar.update(1)
-                rate = tokens_run / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix_str(
-                    f"clm {clm:.3f}"
-                    + (f" fusion {fusion:.3f}" if s.uses_teacher else "")
-                    + f" {rate:,.0f} tok/s"
-                )
-            done = step + 1
-            faults.point(f"step {self.out} {done}")
-            if s.save_steps and done % s.save_steps == 0 and done < total:
-                self._save_checkpoint(acc, done, tokens_seen, fusion_seen, global_batch, total)
-            if self.stop_after is not None and done >= self.stop_after and done < total:
-                if bar is not None:
-                    bar.close()
-                acc.wait_for_everyone()
-                raise TrainingInterrupted(f"{self.desc}: stopped after step {done} (stop_after)")
-        if bar is not None:
-            bar.close()
-        seconds = time.perf_counter() - t0
-        model_dir = self._save_model(acc, model)
-        acc.wait_for_everyone()
-        if acc.is_main_process and self.drop_checkpoints:
-            self.remove_checkpoints()
-        return TrainResult(
-            steps=total,
-            resumed_from=start,
-            tokens=tokens_seen,
-            fusion_tokens=fusion_seen,
-            final_clm=last.get("clm"),
-            final_fusion=last.get("fusion") if s.uses_teacher else None,
-            final_total=last.get("total"),
-            seconds=round(seconds, 3),
-            steps_per_second=round(steps_done / seconds, 4) if seconds > 0 else 0.0,
-            tokens_per_second=round(tokens_run / seconds, 1) if seconds > 0 else 0.0,
-            processes=world,
-            global_batch=global_batch,
-            model_dir=str(model_dir),
+    def _step(
+        self, acc: Any, model: Any, optimizer: Any, scheduler: Any, micros: Any, step: int
+    ) -> _StepOut:
+        """One optimiser step over the step's micro-batches (this process's share)."""
+        s = self.s
+        world, rank = acc.num_processes, acc.process_index
+        micro = [
+            collate(
+                self.source.fetch(rank_slice(m, rank, world)),
+                pad_id=self.pad_id,
+                with_teacher=s.uses_teacher,
+            )
+            for m in micros
+        ]
+        # Positions of the whole step on all processes, known before any forward pass.
+        local = [
+            [float(b["clm_tokens"]), float(b["fusion_tokens"]), float(b["input_ids"].numel())]
+            for b in micro
+        ]
+        n_c, n_f, n_in = _sum_over_processes(acc, [sum(x) for x in zip(*local, strict=True)])
+        sums = torch.zeros(len(STEP_SUMS), dtype=_stat_dtype(acc.device), device=acc.device)
+        led = self._led_counts(micro) if s.uses_teacher else None
+        grad_norm = None
+        lr = float(scheduler.get_last_lr()[0])
+        for batch in micro:
+            batch = {  # the 0-dim counts stay on the CPU: reading them never syncs
+                k: v.to(acc.device, non_blocking=True) if v.dim() else v for k, v in batch.items()
+            }
+            with acc.accumulate(model):
+                loss, part = micro_batch_loss(model, batch, s, n_c, n_f)
+                # Undo the averaging over processes (DDP) and accumulation steps
+                # (accelerate): the shares already sum to the step objective.
+                acc.backward(loss * world * s.grad_accum)
+                sums += part.to(sums)
+                if acc.sync_gradients:
+                    gn = acc.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+                    grad_norm = float(gn) if gn is not None else None
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step_sums = dict(zip(STEP_SUMS, _sum_over_processes(acc, sums.tolist()), strict=True))
+        clm = step_sums["clm"] / n_c if n_c else 0.0
+        fusion = step_sums["fusion"] / n_f if n_f and s.uses_teacher else 0.0
+        lam = step_sums["lam"] / n_c if n_c and s.uses_teacher else s.lam
+        total_loss = lam * clm + (1.0 - lam) * fusion
+        if not math.isfinite(total_loss):
+            raise TrainingError(
+                f"{self.desc}: non-finite loss at step {step + 1} (clm {clm}, fusion "
+                f"{fusion}); lower train.learning_rate or use train.precision: float32"
+            )
+        skipped = bool(getattr(acc, "optimizer_step_was_skipped", False))
+        return _StepOut(
+            clm, fusion, lam, total_loss, lr, grad_norm, n_c, n_f, n_in, step_sums, led, skipped
         )
+
+    def _report_step(
+        self,
+        acc: Any,
+        out: _StepOut,
+        done: int,
+        micros: Any,
+        tokens_seen: int,
+        t0: float,
+        tokens_run: int,
+        heldout: dict[str, float] | None,
+    ) -> None:
+        """The step's line of ``log.jsonl`` and its scalars for the trackers."""
+        s = self.s
+        diag = (
+            _fusion_diagnostics(out.sums, out.lam, out.led, self.teacher_names)
+            if s.uses_teacher
+            else {}
+        )
+        elapsed = time.perf_counter() - t0
+        if acc.is_main_process:
+            self._log_line(
+                {
+                    "step": done,
+                    "clm": out.clm,
+                    "fusion": out.fusion if s.uses_teacher else None,
+                    "total": out.total,
+                    "lr": out.lr,
+                    "tokens": int(out.n_c),
+                    "fusion_tokens": int(out.n_f),
+                    "tokens_seen": tokens_seen,
+                    "grad_norm": out.grad_norm,
+                    "skipped": out.skipped,
+                    "rows": self.source.digest(micros),
+                    "time": round(elapsed, 4),
+                    **diag,
+                    **({"heldout_bpb": heldout} if heldout else {}),
+                }
+            )
+        if s.report_to:
+            scalars = {"loss/clm": out.clm, "loss/total": out.total, "lr": out.lr}
+            scalars["tokens_per_second"] = tokens_run / max(elapsed, 1e-9)
+            if out.grad_norm is not None:
+                scalars["grad_norm"] = out.grad_norm
+            if s.uses_teacher:
+                scalars["loss/fusion"] = out.fusion
+                scalars.update(
+                    {f"fusion/{k}": v for k, v in diag.items() if isinstance(v, float | int)}
+                )
+                for name, share in (diag.get("led_by") or {}).items():
+                    scalars[f"fusion/led_by/{name}"] = share
+            for dom, v in (heldout or {}).items():
+                scalars[f"heldout_bpb/{dom}"] = v
+            acc.log(scalars, step=done)
+
+    # ---- held-out measurements and the best model
+    def _measuring(self, total: int) -> bool:
+        """Whether this run measures held-out bits per byte at all."""
+        return bool(self.heldout) and self.s.eval_every > 0 and total >= self.s.eval_every
+
+    def _check_heldout(self, total: int) -> None:
+        s = self.s
+        if s.eval_every > 0 and total >= s.eval_every and not self.heldout:
+            raise TrainingError(
+                f"train.eval_every: {s.eval_every} but the run has no held-out blocks to "
+                "measure (the prepare stage's validation split is empty or only holds "
+                "conversations); set train.eval_every: 0, or corpus.validation_fraction > 0"
+            )
+        if s.keep_best and not (s.eval_every > 0 and total >= s.eval_every):
+            raise TrainingError(
+                f"train.keep_best needs held-out measurements, but train.eval_every is "
+                f"{s.eval_every} and the run has {total} steps; lower train.eval_every"
+            )
+
+    def _heldout_line(self, acc: Any, model: Any, step: int, t0: float) -> None:
+        """A log line of its own for the measurement before the first step."""
+        bpb = self._measure_heldout(acc, model, step)
+        if acc.is_main_process:
+            self._log_line({"step": step, "heldout_bpb": bpb, "time": 0.0})
+        if self.s.report_to:
+            acc.log({f"heldout_bpb/{d}": v for d, v in bpb.items()}, step=step)
+
+    def _measure_heldout(self, acc: Any, model: Any, step: int) -> dict[str, float]:
+        """Measure; with ``keep_best``, save the weights when they are the best so far."""
+        assert self.heldout is not None
+        bpb = self.heldout.measure(model, acc, acc.autocast)
+        self.heldout_last = bpb
+        if self.s.keep_best and (self.best is None or bpb["all"] < self.best[1]):
+            self.best = (step, bpb["all"])
+            self._save_model(acc, model, BEST_DIR)
+        return bpb
+
+    def _final_model(self, acc: Any, model: Any) -> Path:
+        """``model/``: the last weights, or with ``keep_best`` the best measured ones."""
+        if not self.s.keep_best:
+            return self._save_model(acc, model)
+        final = self.out / MODEL_DIR
+        if acc.is_main_process:
+            best = self.out / BEST_DIR
+            if not best.is_dir():  # resumed after the move: the final model is there
+                if not final.is_dir():
+                    raise TrainingError(f"{self.desc}: keep_best: {best} is missing; --force")
+                return final
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(best, final)
+            log.info(
+                "%s: kept the weights of step %s (held-out %.4f bits/byte) -> %s",
+                self.desc,
+                self.best[0] if self.best else "?",
+                self.best[1] if self.best else float("nan"),
+                final,
+            )
+        return final
 
     def _led_counts(self, micro: list[dict[str, torch.Tensor]]) -> dict[int, int]:
         """Positions of this process's share of the step led by each teacher (or gold)."""
@@ -408,6 +557,8 @@ class Trainer:
         # made explicit here so that a change of that default cannot slip through).
         acc.load_state(str(ckpt), load_kwargs={"weights_only": True})
         step = int(state["step"])
+        best = state.get("best")
+        self.best = (int(best[0]), float(best[1])) if best else None
         log.info("%s: resuming from %s (step %d of %d)", self.desc, ckpt, step, total)
         return step, int(state.get("tokens_seen", 0)), int(state.get("fusion_tokens_seen", 0))
 
@@ -429,6 +580,7 @@ class Trainer:
                     "processes": acc.num_processes,
                     "global_batch": global_batch,
                     "settings": asdict(self.s),
+                    "best": list(self.best) if self.best else None,
                 },
             )
             faults.point(f"ckpt {self.out} {step}")
@@ -458,9 +610,9 @@ class Trainer:
         atomic_write_bytes(path, "".join(x + "\n" for x in keep).encode("utf-8"))
 
     # ---- final model
-    def _save_model(self, acc: Any, model: torch.nn.Module) -> Path:
-        final = self.out / MODEL_DIR
-        tmp = self.out / f".{MODEL_DIR}.tmp"
+    def _save_model(self, acc: Any, model: torch.nn.Module, name: str = MODEL_DIR) -> Path:
+        final = self.out / name
+        tmp = self.out / f".{name}.tmp"
         state_dict = acc.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards: every rank
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -482,6 +634,14 @@ class Trainer:
             faults.point(f"model {final}")
             log.info("%s: model saved to %s", self.desc, final)
         return final
+
+
+def _hparams(s: TrainSettings) -> dict[str, Any]:
+    """The settings as tracker hyper-parameters (plain bool/str/float/int values only)."""
+    out: dict[str, Any] = {}
+    for k, v in asdict(s).items():
+        out[k] = v if isinstance(v, bool | str | float | int) or v is None else str(v)
+    return out
 
 
 def _fusion_diagnostics(

@@ -116,7 +116,8 @@ def variant_components(cfg: PipelineConfig, variant: str, base: dict[str, Any]) 
     floating-point noise, not the objective: every step is the token-weighted mean over
     the same global batch, see :mod:`fuselm.train.trainer`), and ``save_steps``.
     """
-    train = {k: v for k, v in to_dict(cfg.train).items() if k != "save_steps"}
+    # Left out: where checkpoints and trackers write (they change no weight).
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("save_steps", "report_to")}
     if variant == "control":
         # The control's rows are the blocks' target token ids: they follow from the
         # prepared blocks and the target's tokenizer and BOS policy, never from a teacher,
