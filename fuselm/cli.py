@@ -355,6 +355,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from fuselm.demo import choose_threads, prepare_demo
     from fuselm.demo.summary import (
+        check_demo_mode,
         domain_verdicts,
         load_results,
         summary_lines,
@@ -364,7 +365,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from fuselm.experts import expert_info
 
     t0 = time.time()
-    run_dir = Path(args.run_dir).expanduser().resolve()
+    default = "fuselm-demo-quick" if args.quick else "fuselm-demo"
+    run_dir = Path(args.run_dir or default).expanduser().resolve()
+    check_demo_mode(run_dir, args.quick)
     threads = choose_threads(args.threads)
     torch.set_num_threads(threads)
     print(
@@ -387,7 +390,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # Before the pipeline, so that its report stage writes the demo's section too.
     ensure_run_dir(run_dir)
     with run_lock(run_dir):
-        write_demo_record(run_dir, experts)
+        write_demo_record(run_dir, experts, args.quick)
     args.config, args.overrides = str(cfg_path), []
     code = _run_stages(list(STAGES), args)
     if code != 0:
@@ -472,7 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
             "(~/.cache/fuselm) and the run directory (seconds)."
         ),
     )
-    p.add_argument("--run-dir", "-o", default="fuselm-demo", help="run directory")
+    p.add_argument(
+        "--run-dir",
+        "-o",
+        help="run directory (default fuselm-demo, or fuselm-demo-quick with --quick: the two "
+        "runs never share a folder)",
+    )
     p.add_argument("--force", action="store_true", help="redo finished stages")
     p.add_argument(
         "--quick",

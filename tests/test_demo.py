@@ -202,6 +202,11 @@ def test_demo_quick_end_to_end_with_stand_in_assets(tiny_assets, tmp_path, capsy
     again = report.read_text()
     assert again.count(SECTION) == 1 and "expert shakespeare-gpt2" in again
     assert "fused: 4 steps" in again and "fused: 3 steps" not in again
+    # The full demo never runs in a --quick run's folder (nor the reverse): it says so.
+    capsys.readouterr()
+    assert main(["demo", "--threads", "1", "--run-dir", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "holds a --quick demo run" in err and "fuselm-demo" in err
     (run_dir / "demo.json").write_text('{"experts": 3}')
     capsys.readouterr()
     assert main(["report", "-c", str(cfg)]) == 1

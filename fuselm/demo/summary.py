@@ -207,7 +207,32 @@ def closing_note(ver: list[dict[str, Any]], fused_stats: dict[str, Any] | None =
 DEMO_RECORD = "demo.json"
 
 
-def write_demo_record(run_dir: Path, experts: dict[str, dict[str, Any]]) -> Path:
+def check_demo_mode(run_dir: Path, quick: bool) -> None:
+    """Refuse to run the full demo in a ``--quick`` run's folder, or the other way round.
+
+    Their corpora, experts and budgets differ, so every stage of the other run would be
+    stale; rather than make the user read a list of changed fingerprints (or overwrite a
+    run they made), say what the folder holds and what to do.
+
+    Raises:
+        StageError: ``run_dir`` holds a demo run of the other kind.
+    """
+    path = Path(run_dir) / DEMO_RECORD
+    if not path.exists():
+        return
+    was = bool(read_json(path).get("quick", False))
+    if was != quick:
+        kind, other = ("--quick", "full") if was else ("full", "--quick")
+        raise StageError(
+            f"{run_dir} holds a {kind} demo run; the {other} demo uses its own folder: run it "
+            f"without --run-dir (it defaults to fuselm-demo{'-quick' if quick else ''}), "
+            "or pass another --run-dir"
+        )
+
+
+def write_demo_record(
+    run_dir: Path, experts: dict[str, dict[str, Any]], quick: bool = False
+) -> Path:
     """Record in ``<run_dir>/demo.json`` that the demo made this run, and its experts.
 
     Why a file: ``report/report.md`` is rewritten by every ``fuselm report`` and ``fuselm
@@ -216,7 +241,7 @@ def write_demo_record(run_dir: Path, experts: dict[str, dict[str, Any]]) -> Path
     the report stage writes the demo's section itself (``report_section``).
     """
     path = Path(run_dir) / DEMO_RECORD
-    atomic_write_json(path, {"experts": experts})
+    atomic_write_json(path, {"experts": experts, "quick": quick})
     return path
 
 
