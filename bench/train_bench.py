@@ -97,7 +97,7 @@ def make_step(variant, model, opt, batch):
         if variant == "hf_clm":
             loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
         else:
-            loss, _, _ = micro_batch_loss(model, batch, s, n_c, n_f)
+            loss, _ = micro_batch_loss(model, batch, s, n_c, n_f)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

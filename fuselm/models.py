@@ -103,10 +103,35 @@ def load_tokenizer(m: ModelConfig) -> Any:
         raise _explain(m, "tokenizer", m.tokenizer_path, e) from e
 
 
+def adapter_base(m: ModelConfig) -> ModelConfig | None:
+    """For a folder holding a LoRA adapter only (``train.lora.save: adapter``), its base.
+
+    The adapter's ``adapter_config.json`` names the base model it was trained on (a local
+    folder or a hub name); the returned config loads that base with this model's other
+    settings. None for an ordinary model folder.
+    """
+    from dataclasses import replace
+
+    p = Path(m.model).expanduser()
+    cfg = p / "adapter_config.json"
+    if not (p.is_dir() and cfg.is_file()) or (p / "config.json").is_file():
+        return None
+    try:
+        base = json.loads(cfg.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(
+            f"model '{m.resolved_name()}': {cfg} does not name its base model ({e})"
+        ) from None
+    return replace(m, model=str(base), tokenizer=m.tokenizer or str(p), gguf_file="")
+
+
 def load_model_config(m: ModelConfig) -> Any:
-    """Load the model's ``PretrainedConfig`` (no weights)."""
+    """Load the model's ``PretrainedConfig`` (no weights; an adapter's: its base's)."""
     from transformers import AutoConfig
 
+    base = adapter_base(m)
+    if base is not None:
+        return load_model_config(base)
     try:
         return AutoConfig.from_pretrained(m.model, **_common_kwargs(m))
     except Exception as e:
@@ -336,6 +361,17 @@ def load_causal_lm(m: ModelConfig, device: Any = None, dtype: Any = None) -> Any
     """
     from transformers import AutoModelForCausalLM
 
+    base = adapter_base(m)
+    if base is not None:  # a LoRA adapter: the base, with the update folded in
+        try:
+            from peft import PeftModel
+        except ImportError as e:
+            raise ModelLoadError(
+                f"model '{m.resolved_name()}': {m.model} is a LoRA adapter; loading it needs "
+                "peft (pip install 'fuselm[lora]')"
+            ) from e
+        model = load_causal_lm(base, device=device, dtype=dtype)
+        return PeftModel.from_pretrained(model, m.model).merge_and_unload().eval()
     check_model_path(m)
     config = load_model_config(m)
     check_causal_lm(m, config)

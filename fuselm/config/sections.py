@@ -267,6 +267,34 @@ TRACKERS = (
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) for the target: train low-rank updates instead of every weight."""
+
+    rank: int = _f(0, "LoRA rank; 0 = off (full fine-tuning of every weight).")
+    alpha: float = _f(32.0, "LoRA alpha: the update is scaled by alpha / rank.")
+    dropout: float = _f(0.05, "Dropout on the LoRA branch.")
+    target_modules: list[str] = _f(
+        ["all-linear"],
+        "Modules that get adapters: module names (q_proj, v_proj, ...) or all-linear (every "
+        "linear layer but the output head).",
+    )
+    save: Literal["merged", "adapter"] = _f(
+        "merged",
+        "merged = the target with the update folded in (a plain model folder, what eval and "
+        "`fuselm merge` read); adapter = the adapter only (peft format, loads with the base "
+        "model; eval does that).",
+    )
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise _invalid("rank", self.rank, "use 0 (off) or a positive rank")
+        if self.rank and (self.alpha <= 0 or not 0.0 <= self.dropout < 1.0):
+            raise ConfigError("lora.alpha must be > 0 and lora.dropout in [0, 1)")
+        if self.rank and not self.target_modules:
+            raise _invalid("target_modules", self.target_modules, "name modules or all-linear")
+
+
+@dataclass
 class TrainConfig:
     """Stage 5 (train): continual training of the target."""
 
@@ -339,6 +367,10 @@ class TrainConfig:
         False,
         "Save the weights of the best held-out measurement as the final model (selection on "
         "validation, i.e. early stopping); the manifest records the step. Needs eval_every.",
+    )
+    lora: LoraConfig = field(
+        default_factory=LoraConfig,
+        metadata={"help": "LoRA for the target (and the control, with the same adapter)."},
     )
     report_to: list[str] = _f(
         [],

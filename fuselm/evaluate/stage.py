@@ -129,14 +129,17 @@ def _trained_models(run_dir: Path) -> dict[str, Path]:
     """Trained and merged models present in the run, by variant name.
 
     ``train/<variant>/model`` for ``fused``, ``control`` and the pairwise targets
-    ``pair-<source>``, and ``merge/model`` as ``merged``; each only with a manifest.
+    ``pair-<source>`` (a full model, or a LoRA adapter of the target), and ``merge/model``
+    as ``merged``; each only with a manifest.
     """
     out = {}
     pairs = sorted(p.name for p in (Path(run_dir) / "train").glob("pair-*") if p.is_dir())
     for variant in ("fused", "control", *pairs):
         st = Stage(run_dir, f"train/{variant}")
-        if st.manifest() is not None and (st.path / "model" / "config.json").exists():
-            out[variant] = st.path / "model"
+        model = st.path / "model"
+        has = (model / "config.json").exists() or (model / "adapter_config.json").exists()
+        if st.manifest() is not None and has:
+            out[variant] = model
     st = Stage(run_dir, "merge")
     if st.manifest() is not None and (st.path / "model" / "config.json").exists():
         out["merged"] = st.path / "model"

@@ -300,6 +300,19 @@ def model_card(
         f"- base model: `{cfg.target.model}`"
         + (f" @ {cfg.target.revision}" if cfg.target.revision else ""),
     ]
+    lora = t.lora
+    if lora.rank:
+        lines.append(
+            f"- LoRA (peft): rank {lora.rank}, alpha {lora.alpha}, dropout {lora.dropout}, "
+            f"modules {', '.join(lora.target_modules)}; "
+            + (
+                "this folder holds the ADAPTER only: load it with "
+                "`peft.AutoPeftModelForCausalLM.from_pretrained(<this folder>)` (it needs the "
+                "base model above)"
+                if lora.save == "adapter"
+                else "the update is MERGED into these weights (a plain model folder)"
+            )
+        )
     if variant != "control":
         lines += [
             f"- sources: {', '.join(f'`{n}`' for n in teachers)}"

@@ -51,6 +51,12 @@ class TrainSettings:
     eval_every: int = 0
     keep_best: bool = False
     report_to: tuple[str, ...] = ()
+    lora: Any = None  # a fuselm.config.LoraConfig; None or rank 0 = full fine-tuning
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether the target trains LoRA adapters instead of every weight."""
+        return self.lora is not None and self.lora.rank > 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
@@ -105,6 +111,36 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
 def warmup_steps(total: int, ratio: float) -> int:
     """Warm-up updates: ``ceil(ratio * total)`` (0 when the ratio is 0)."""
     return math.ceil(ratio * total) if ratio > 0 else 0
+
+
+def with_lora(model: torch.nn.Module, lora: Any, gradient_checkpointing: bool) -> Any:
+    """Wrap the target in peft LoRA adapters; only they train (``requires_grad``).
+
+    Why peft: its adapters are what users load elsewhere (``PeftModel``, transformers'
+    adapter support, ``merge_and_unload``). The control gets the same settings, so the
+    comparison stays "same training, with or without fusion".
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise TrainingError(
+            "train.lora needs the peft package: pip install 'fuselm[lora]' (or pip install peft)"
+        ) from e
+    modules = list(lora.target_modules)
+    cfg = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules="all-linear" if modules == ["all-linear"] else modules,
+        task_type="CAUSAL_LM",
+    )
+    if gradient_checkpointing:
+        # Frozen embeddings give checkpointed blocks inputs without grad; peft's fix.
+        model.enable_input_require_grads()
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:  # e.g. a target module name the model does not have
+        raise TrainingError(f"train.lora: {e}") from None
 
 
 def build_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:

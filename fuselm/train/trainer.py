@@ -59,6 +59,7 @@ from fuselm.train.step import (
     micro_batch_loss,
     mixed_precision,
     warmup_steps,
+    with_lora,
 )
 
 log = logging.getLogger("fuselm.train")
@@ -329,6 +330,8 @@ class Trainer:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+        if s.uses_lora:
+            model = with_lora(model, s.lora, s.gradient_checkpointing)
         optimizer = build_optimizer(model, s)
         warm = warmup_steps(total, s.warmup_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -445,6 +448,29 @@ class Trainer:
                 scalars[f"heldout_bpb/{dom}"] = v
             acc.log(scalars, step=done)
 
+    def _save_lora(self, acc: Any, model: Any, final: Path, tmp: Path, adapter: bool) -> Path:
+        """A LoRA target: the adapter alone (peft format) or the merged full model."""
+        unwrapped = acc.unwrap_model(model)
+        adapter = adapter or self.s.lora.save == "adapter"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if adapter:
+                unwrapped.save_pretrained(tmp)  # adapter_config.json + adapter weights
+            else:  # the run is over: folding the update in place is fine now
+                merged = unwrapped.merge_and_unload()
+                _forget_gguf(merged)
+                if self.save_dtype is not None:
+                    merged = merged.to(self.save_dtype)
+                merged.save_pretrained(tmp)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            if self.model_card is not None:
+                (tmp / "README.md").write_text(self.model_card, encoding="utf-8")
+            _publish_dir(tmp, final)
+            faults.point(f"model {final}")
+            log.info("%s: %s saved to %s", self.desc, "adapter" if adapter else "model", final)
+        return final
+
     # ---- held-out measurements and the best model
     def _measuring(self, total: int) -> bool:
         """Whether this run measures held-out bits per byte at all."""
@@ -486,6 +512,18 @@ class Trainer:
         """``model/``: the last weights, or with ``keep_best`` the best measured ones."""
         if not self.s.keep_best:
             return self._save_model(acc, model)
+        if self.s.uses_lora:  # best/ holds the best adapter: load it back, then save as asked
+            best = self.out / BEST_DIR
+            if best.is_dir():
+                from peft import set_peft_model_state_dict
+                from safetensors.torch import load_file
+
+                weights = load_file(str(best / "adapter_model.safetensors"))
+                set_peft_model_state_dict(acc.unwrap_model(model), weights)
+            final = self._save_model(acc, model)
+            if acc.is_main_process:
+                shutil.rmtree(best, ignore_errors=True)
+            return final
         final = self.out / MODEL_DIR
         if acc.is_main_process:
             best = self.out / BEST_DIR
@@ -611,8 +649,15 @@ class Trainer:
 
     # ---- final model
     def _save_model(self, acc: Any, model: torch.nn.Module, name: str = MODEL_DIR) -> Path:
+        """Save ``name/`` atomically: full weights, or with LoRA the adapter or the merge.
+
+        ``best/`` of a LoRA run always holds the adapter alone (merging mid-run would end
+        the adapter's training); the final ``model/`` follows ``train.lora.save``.
+        """
         final = self.out / name
         tmp = self.out / f".{name}.tmp"
+        if self.s.uses_lora:
+            return self._save_lora(acc, model, final, tmp, adapter=name != MODEL_DIR)
         state_dict = acc.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards: every rank
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -629,8 +674,7 @@ class Trainer:
                 self.tokenizer.save_pretrained(tmp)
             if self.model_card is not None:
                 (tmp / "README.md").write_text(self.model_card, encoding="utf-8")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            _publish_dir(tmp, final)
             faults.point(f"model {final}")
             log.info("%s: model saved to %s", self.desc, final)
         return final
@@ -676,6 +720,12 @@ def _fusion_diagnostics(
 
         out["led_by"] = {name(c): round(n / total, 4) for c, n in sorted(led.items())}
     return out
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by the finished ``tmp`` folder."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
 
 
 def _stat_dtype(device: torch.device) -> torch.dtype:
