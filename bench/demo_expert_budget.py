@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 def _score(model_dir: Path, blocks: list[dict], name: str) -> float:
     """Bits per byte of a local model on ``blocks`` (no BOS, as in the demo)."""
     from fuselm.config import ModelConfig
-    from fuselm.evaluate.scoring import aggregate, score_blocks
+    from fuselm.evaluate.scoring import aggregate, own_scores, score_blocks
     from fuselm.models import load_causal_lm, load_tokenizer, model_context
 
     m = ModelConfig(model=str(model_dir), name=name, bos="none", dtype="float32", device="cpu")
@@ -40,7 +40,7 @@ def _score(model_dir: Path, blocks: list[dict], name: str) -> float:
     scores = score_blocks(
         model, load_tokenizer(m), blocks, name=name, bos="none", max_context=model_context(m)
     )
-    return aggregate(scores)["overall"]["bits_per_byte"]
+    return aggregate(own_scores(scores))["overall"]["bits_per_byte"]
 
 
 def main() -> int:

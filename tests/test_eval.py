@@ -15,9 +15,12 @@ from fuselm.evaluate.scoring import (
     BlockScore,
     aggregate,
     bits_per_byte,
+    block_trace,
     capture_scores,
+    own_scores,
     predicted_bytes,
     score_blocks,
+    shared_scores,
 )
 
 
@@ -28,6 +31,30 @@ def test_predicted_bytes_counts_what_was_predicted():
     with_bos = np.array([[0, 0], [0, 5], [5, 11]])
     assert predicted_bytes(text, np.array([9, 1, 2]), with_bos) == len(text.encode())
     assert predicted_bytes(text, np.array([1]), offs[:1]) == 0
+
+
+def test_bos_convention_does_not_change_bits_per_byte():
+    """Two models that differ only in BOS convention: the one with BOS also predicts the
+    first token (costly, no context). Scored over the same bytes, their bits per byte are
+    equal; counted from each one's own first prediction, they were not."""
+    block = {"hash": "h", "domain": "d", "text": "The cat sat on the mat.\n"}
+    offs = np.array([[0, 3], [3, 7], [7, 11], [11, 14], [14, 18], [18, 22], [22, 24]])
+    gold = np.log([0.3, 0.5, 0.4, 0.6, 0.5, 0.9])  # tokens 2.. given the text before
+    no_bos = block_trace(block, offs, gold)
+    with_bos = block_trace(block, np.vstack([[0, 0], offs]), np.concatenate([[np.log(0.01)], gold]))
+    own = aggregate(own_scores([no_bos]))["overall"], aggregate(own_scores([with_bos]))["overall"]
+    assert own[0]["bits_per_byte"] != pytest.approx(own[1]["bits_per_byte"], rel=1e-3)
+    shared = shared_scores({"a": [no_bos], "b": [with_bos]})
+    a, b = shared["a"][0], shared["b"][0]
+    assert (a.bytes, a.nll, a.tokens) == (b.bytes, b.nll, b.tokens) == (21, -gold.sum(), 6)
+    # An EOS prediction after the text (0 bytes; only some tokenizers add it) is left out.
+    eos = block_trace(block, np.vstack([offs, [[0, 0]]]), np.concatenate([gold, [np.log(0.2)]]))
+    assert shared_scores({"a": [no_bos], "e": [eos]})["e"][0] == a
+    # A tokenizer whose first token is longer: both start where both have a boundary.
+    coarse = block_trace(block, np.array([[0, 7], [7, 14], [14, 24]]), np.log([0.2, 0.1]))
+    out = shared_scores({"a": [no_bos], "c": [coarse]})
+    assert out["a"][0].bytes == out["c"][0].bytes == len(b" sat on the mat.\n")
+    assert out["a"][0].tokens == 5 and out["c"][0].tokens == 2
 
 
 def test_aggregate_sums_then_divides():
@@ -53,7 +80,7 @@ def test_score_blocks_equals_a_direct_forward(tiny_models, family):
         {"block_id": f"d#{i}", "hash": f"h{i}", "domain": "d", "text": t}
         for i, t in enumerate(texts)
     ]
-    scores = score_blocks(model, tok, blocks, name=family)
+    scores = own_scores(score_blocks(model, tok, blocks, name=family))
     for s, text in zip(scores, texts, strict=True):
         ids = torch.tensor([tok(text)["input_ids"]])
         with torch.no_grad():
@@ -103,8 +130,8 @@ def test_eval_stage_end_to_end(base_config, write_config, tmp_path, capsys):
     blocks = read_blocks(run_dir, "validation").to_pylist()
     model = AutoModelForCausalLM.from_pretrained(base_config["target"]["model"]).eval()
     tok = AutoTokenizer.from_pretrained(base_config["target"]["model"])
-    again = aggregate(score_blocks(model, tok, blocks, name="tgt"))
-    from_capture = aggregate(capture_scores(run_dir, "tgt", blocks))
+    again = aggregate(own_scores(score_blocks(model, tok, blocks, name="tgt")))
+    from_capture = aggregate(own_scores(capture_scores(run_dir, "tgt", blocks)))
     assert again["overall"]["bits_per_byte"] == pytest.approx(
         from_capture["overall"]["bits_per_byte"], rel=1e-3
     )

@@ -189,8 +189,13 @@ def align_block(
     gold[valid] = src.gold[rows]
     next_bytes[valid] = src_next[rows]
     # Whole-block cross-entropy over every source position that predicts text (a
-    # position predicting a control token -- EOS, SEP -- predicts no bytes).
+    # position predicting a control token -- EOS, SEP -- predicts no bytes), except the
+    # block's first text token: only a source with a BOS predicts it, without context,
+    # and counting it for some sources and not others would bias MinCE against them.
     predicts_text = ~s_special[1 : s_p + 1]
+    text_at = np.flatnonzero(~s_special)
+    if len(text_at) and 1 <= text_at[0] <= s_p:
+        predicts_text[text_at[0] - 1] = False
     nll_sum = float(-np.asarray(src.gold, np.float64)[:s_p][predicts_text].sum())
     nll_bytes = int(src_next[predicts_text].sum())
 

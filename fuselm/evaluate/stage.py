@@ -17,16 +17,16 @@ from typing import Any
 from fuselm.artifacts import Stage, StageError, atomic_write_bytes, atomic_write_json
 from fuselm.evaluate.compare import Difference, paired_bootstrap
 from fuselm.evaluate.scoring import (
-    BlockScore,
     _read_capture,
     _renderer,
     aggregate,
     score_blocks,
+    shared_scores,
 )
 
 log = logging.getLogger("fuselm.eval")
 
-FORMAT_VERSION = 2  # 2: per-block scores and paired comparisons in results.json
+FORMAT_VERSION = 3  # 2: per-block scores; 3: every model scored over the same bytes
 
 
 def results_csv(results: dict[str, Any]) -> str:
@@ -236,15 +236,12 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
 
     results["block_domains"] = [b["domain"] for b in blocks]
 
-    def add(name: str, kind: str, scores: list[BlockScore], digest: str) -> None:
-        agg = aggregate(scores, perplexity=digest == target_digest)
-        results["models"][name] = {"kind": kind, "tokenizer": digest, **agg}
-        # Per block, in block order: what the paired comparisons resample.
-        results["models"][name]["per_block"] = {
-            "nll": [round(s.nll, 6) for s in scores],
-            "bytes": [s.bytes for s in scores],
-        }
-        log.info("eval: %-20s %.4f bits/byte", name, agg["overall"]["bits_per_byte"])
+    traces: dict[str, list[Any]] = {}  # every model's, then scored over shared bytes
+    info: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, kind: str, scores: list[Any], digest: str) -> None:
+        traces[name] = scores
+        info[name] = {"kind": kind, "tokenizer": digest}
 
     target_name = cfg.target.resolved_name()
     chat = bool((prep or {}).get("stats", {}).get("conversations"))
@@ -274,7 +271,7 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
         render = _renderer(load_tokenizer(m), template(m), m.resolved_name())
         scores, lossless = _read_capture(run_dir, m.resolved_name(), blocks, render)
         add(m.resolved_name(), kind, scores, digest)
-        results["models"][m.resolved_name()]["lossless_share"] = lossless
+        info[m.resolved_name()]["lossless_share"] = lossless
     if not cfg.target.as_source:  # the untouched target was not captured: run it
         model = load_causal_lm(cfg.target)
         scores = score_blocks(
@@ -302,6 +299,18 @@ def run_eval(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
         )
         add(f"{target_name}-{variant}", _kind(variant), scores, target_digest)
         del model
+    for name, scores in shared_scores(traces).items():
+        agg = aggregate(scores, perplexity=info[name]["tokenizer"] == target_digest)
+        lossless = info[name].pop("lossless_share", None)
+        results["models"][name] = {**info[name], **agg}
+        if lossless is not None:
+            results["models"][name]["lossless_share"] = lossless
+        # Per block, in block order: what the paired comparisons resample.
+        results["models"][name]["per_block"] = {
+            "nll": [round(s.nll, 6) for s in scores],
+            "bytes": [s.bytes for s in scores],
+        }
+        log.info("eval: %-20s %.4f bits/byte", name, agg["overall"]["bits_per_byte"])
     if cfg.eval.lm_eval_tasks:  # downstream tasks (optional extra), target before/after
         from fuselm.lmeval import run_lm_eval
 
