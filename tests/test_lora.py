@@ -8,13 +8,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_trainer import examples, settings, tiny_model
 
 from fuselm.cli import main
 from fuselm.config import LoraConfig, ModelConfig
 from fuselm.models import load_causal_lm
 from fuselm.train.trainer import Trainer, TrainingError, TrainingInterrupted
-
-from test_train_trainer import examples, settings, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
