@@ -13,8 +13,9 @@ is computed from the same two runs: the time of one measurement over ``eval_ever
 the median step time of the baseline.
 
 ``--model``: a saved causal LM folder (``--random``: a small random Llama); default
-SmolLM2-135M from ``fuselm.assets`` when its package is installed, else a random Llama (the ratio is about model size-free: a
-measurement is ``eval_blocks`` forward passes, a step ``batch`` forward+backward passes).
+SmolLM2-135M from ``fuselm.assets`` when its package is installed, else a random Llama
+(the ratio hardly depends on the model's size: a measurement is ``eval_blocks`` forward
+passes, a step ``batch`` forward+backward passes).
 
 Last line: ``heldout_overhead_default=<ratio> heldout_overhead_direct=<ratio>`` (time with
 measurements / time without, minus 1).
