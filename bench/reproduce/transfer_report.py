@@ -16,6 +16,7 @@ from typing import Any
 from transfer import (
     ALT_EXPERT,
     DOMAINS,
+    EXPERTS,
     _avg,
     differences,
     row_stats,
@@ -24,12 +25,12 @@ from transfer import (
 ROWS = (
     ("base", "Base SmolLM2 (untouched target)"),
     ("e-code", "Expert: code (SmolLM2 vocabulary)"),
-    ("e-docs", "Expert: docs (SmolLM2 vocabulary)"),
-    (ALT_EXPERT, "Expert: Shakespeare (GPT-2 vocabulary, FVT)"),
+    ("e-shakespeare", "Expert: Shakespeare (SmolLM2 vocabulary)"),
+    (ALT_EXPERT, "Expert: docs (SentencePiece 32k vocabulary, FVT)"),
     ("control", "CLM-only control"),
     ("paper", "Fused, paper recipe (λ = 0.9, renormalised top-k)"),
     ("chosen", "Fused, chosen recipe"),
-    (f"chosen without {ALT_EXPERT}", "Fused, chosen recipe, without the GPT-2 expert"),
+    (f"chosen without {ALT_EXPERT}", "Fused, chosen recipe, without the SentencePiece expert"),
     ("ensemble", "Output ensemble of the 3 experts"),
     ("merge-linear", "Merge of the 2 same-vocabulary experts: linear"),
     ("merge-task_arithmetic", "Merge: task arithmetic"),
@@ -209,19 +210,20 @@ def goals(res: dict[str, Any]) -> list[str]:
     ens = _avg(res["test"]["ensemble"]["-"])
     g = (c[0] - f[0]) / (c[0] - ens) if c[0] != ens else float("nan")
     abl = f"chosen without {ALT_EXPERT}"
-    shk_with = [r["shakespeare"] for r in res["test"]["chosen"].values()]
-    shk_without = [r["shakespeare"] for r in res["test"][abl].values()]
+    dom = EXPERTS[ALT_EXPERT][0]  # the transplanted expert's domain
+    with_alt = [r[dom] for r in res["test"]["chosen"].values()]
+    without = [r[dom] for r in res["test"][abl].values()]
     from fuselm.evaluate.compare import seed_verdict
 
-    m, sd, verdict = seed_verdict([b - a for a, b in zip(shk_with, shk_without, strict=True)])
+    m, sd, verdict = seed_verdict([b - a for a, b in zip(with_alt, without, strict=True)])
     led = (
         (res["meta"]["runs"].get("test|chosen|0", {}).get("fusion", {}) or {})
         .get("selection_share_by_domain", {})
-        .get("shakespeare", {})
+        .get(dom, {})
     )
     alt = res["meta"]["experts"].get(ALT_EXPERT, {})
     base_t, alt_t = _fixed(res, "test", "base"), _fixed(res, "test", ALT_EXPERT)
-    alt_gain = base_t["shakespeare"] - alt_t["shakespeare"]
+    alt_gain = base_t[dom] - alt_t[dom]
 
     def ok(b: bool) -> str:
         return "**met**" if b else "**not met**"
@@ -230,12 +232,13 @@ def goals(res: dict[str, Any]) -> list[str]:
         f"- fused − control averaged over domains: {x:+.4f} bits/byte (goal <= −0.02 and |x| "
         f">= 3 × seed std {s:.4f}): {ok(x <= -0.02 and abs(x) >= 3 * s)}",
         f"- ensemble gap closed: {g:.3f} (goal >= 0.5): {ok(g >= 0.5)}",
-        f"- the GPT-2 expert beats the base on Shakespeare by {alt_gain:+.4f} bits/byte on "
-        f"test (goal >= 0.1; it trained {alt.get('steps_run')} steps): {ok(alt_gain >= 0.1)}",
-        f"- the GPT-2 expert leads fusion on Shakespeare: {led.get(ALT_EXPERT, 0):.0%} of its "
-        f"positions: {ok(led.get(ALT_EXPERT, 0) > 0.5)}",
-        f"- removing it hurts Shakespeare: without − with = {m:+.4f} ± {sd:.4f} "
-        f"({verdict}): {ok(verdict == 'worse')}",
+        f"- the {alt.get('vocabulary')} expert beats the base on {dom} by {alt_gain:+.4f} "
+        f"bits/byte on test (goal >= 0.1; it trained {alt.get('steps_run')} steps): "
+        f"{ok(alt_gain >= 0.1)}",
+        f"- it leads fusion on {dom}: {led.get(ALT_EXPERT, 0):.0%} of the positions: "
+        f"{ok(led.get(ALT_EXPERT, 0) > 0.5)}",
+        f"- removing it hurts {dom}: without − with = {m:+.4f} ± {sd:.4f} ({verdict}): "
+        f"{ok(verdict == 'worse')}",
     ]
 
 
