@@ -150,6 +150,11 @@ def test_verdicts_and_closing_note():
     assert ver["code"]["verdict"] is None  # no per-block scores: no verdict
     note = "\n".join(closing_note(list(ver.values())))
     assert "was not compared with the CLM-only control" in note
+    assert "RESULTS-transfer.md" in note  # no gain shown here: point to the experiment
+    diag = {"shakespeare": {"teacher_bits_per_byte": 1.5, "target_bits_per_byte": 1.62}}
+    stats = {"steps": 20, "fusion": {"diagnostics_by_domain": diag}}
+    note = "\n".join(closing_note(list(ver.values()), stats))
+    assert "shakespeare +0.120" in note and "20 steps" in note
     assert verdict_line(list(ver.values())).startswith("demo: fused_minus_control=")
 
 

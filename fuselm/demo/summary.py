@@ -164,14 +164,14 @@ def closing_note(ver: list[dict[str, Any]], fused_stats: dict[str, Any] | None =
 
     Args:
         ver: ``domain_verdicts`` (the last entry is ``all``).
-        fused_stats: the fused run's train manifest stats (steps, tokens, lambda).
+        fused_stats: the fused run's train manifest stats (steps, tokens, lambda, fusion
+            diagnostics).
     """
     overall = ver[-1]
     d = overall["fused_vs_control"]
     if d is None:
         return ["No fused target was evaluated (the train stage did not run)."]
     st = fused_stats or {}
-    lam = st.get("lambda", 0.9)
     won = [v["domain"] for v in ver[:-1] if v["verdict"] == "better"]
     lost = [v["domain"] for v in ver[:-1] if v["verdict"] == "worse"]
     ci = overall["ci95"]
@@ -182,26 +182,36 @@ def closing_note(ver: list[dict[str, Any]], fused_stats: dict[str, Any] | None =
         "inconclusive": "could not be told apart from",
         None: "was not compared with",
     }[overall["verdict"]]
-    head = (
+    lines = [
         f"Overall the fused target {word} the CLM-only control ({d:+.4f} bits/byte{span}; "
         f"better beyond noise on: {', '.join(won) or 'no domain'}; worse on: "
-        f"{', '.join(lost) or 'no domain'})."
-    )
-    tokens = st.get("tokens")
-    budget = f"{st.get('steps', '?')} steps, {tokens:,} tokens" if isinstance(tokens, int) else ""
-    return [
-        head,
-        "",
-        "Why fusion can hardly win here: both runs start from the same SmolLM2 and see the "
-        f"same rows for the same steps ({budget}); the only difference is the fusion term, "
-        f"weighted 1 − λ = {1 - lam:.2f} (the paper's λ). Its teachers are the target itself "
-        "and two experts built in minutes that beat the target only on their own domain. "
-        "FuseLLM's gains were measured after continual training on about 1.8 billion tokens "
-        "with 7B models and strong, different sources; expect the mechanics here, not the "
-        "gain. More steps (train.max_steps / train.epochs), more data, stronger experts or "
-        "a larger fusion weight (train.clm_weight=0.5) give fusion a chance to show; judge "
-        "any such change on held-out documents only.",
+        f"{', '.join(lost) or 'no domain'}). Both start from the same SmolLM2 and train on "
+        f"the same rows for the same steps ({st.get('steps', '?')} steps); only the fusion "
+        "term differs.",
     ]
+    diag = (st.get("fusion") or {}).get("diagnostics_by_domain") or {}
+    knew = [
+        f"{dom} {g - t:+.3f}"
+        for dom, x in sorted(diag.items())
+        if (t := x.get("teacher_bits_per_byte")) is not None
+        and (g := x.get("target_bits_per_byte")) is not None
+    ]
+    if knew:
+        lines += [
+            "",
+            "What the teachers had to teach on the training text (target − fused teacher, "
+            "bits/byte): " + ", ".join(knew) + ". Fusion can only transfer where this is "
+            "clearly positive; elsewhere the gate trains plain CLM.",
+        ]
+    if overall["verdict"] != "better":
+        lines += [
+            "",
+            "At this budget the demo cannot show a gain beyond noise. The controlled "
+            "experiment with teachers trained on 20x more text (bench/reproduce/"
+            "RESULTS-transfer.md, its last line is the headline) measures what fusion "
+            "transfers when the teachers know more.",
+        ]
+    return lines
 
 
 DEMO_RECORD = "demo.json"
