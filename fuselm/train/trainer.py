@@ -462,14 +462,19 @@ class Trainer:
                 if self.save_dtype is not None:
                     merged = merged.to(self.save_dtype)
                 merged.save_pretrained(tmp)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
-            if self.model_card is not None:
-                (tmp / "README.md").write_text(self.model_card, encoding="utf-8")
-            _publish_dir(tmp, final)
-            faults.point(f"model {final}")
-            log.info("%s: %s saved to %s", self.desc, "adapter" if adapter else "model", final)
+            self._publish(tmp, final, "adapter" if adapter else "model")
         return final
+
+    def _publish(self, tmp: Path, final: Path, what: str) -> None:
+        """Add tokenizer and model card to the saved folder ``tmp``; move it to ``final``."""
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(tmp)
+        if self.model_card is not None:
+            (tmp / "README.md").write_text(self.model_card, encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        faults.point(f"model {final}")
+        log.info("%s: %s saved to %s", self.desc, what, final)
 
     # ---- held-out measurements and the best model
     def _measuring(self, total: int) -> bool:
@@ -670,13 +675,7 @@ class Trainer:
                 }
                 unwrapped.config.dtype = self.save_dtype
             unwrapped.save_pretrained(tmp, state_dict=state_dict)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
-            if self.model_card is not None:
-                (tmp / "README.md").write_text(self.model_card, encoding="utf-8")
-            _publish_dir(tmp, final)
-            faults.point(f"model {final}")
-            log.info("%s: model saved to %s", self.desc, final)
+            self._publish(tmp, final, "model")
         return final
 
 
@@ -720,12 +719,6 @@ def _fusion_diagnostics(
 
         out["led_by"] = {name(c): round(n / total, 4) for c, n in sorted(led.items())}
     return out
-
-
-def _publish_dir(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by the finished ``tmp`` folder."""
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
 
 
 def _stat_dtype(device: torch.device) -> torch.dtype:
