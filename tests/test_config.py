@@ -189,3 +189,11 @@ def test_accelerate_configs_load():
         kinds[path.stem] = str(cfg.distributed_type)
     assert set(kinds) == {"ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"}
     assert "DEEPSPEED" in kinds["deepspeed-zero3"] and "FSDP" in kinds["fsdp"]
+
+
+def test_fuse_gate_auto_follows_whether_the_target_is_a_source(write_config):
+    path = write_config({"target": {"model": "org/t"}, "sources": [{"model": "org/llama"}]})
+    assert load_config(path).fusion_gate() == "teacher_better"  # the target is source #0
+    off = load_config(path, ["target.as_source=false"])
+    assert off.fuse.gate == "auto" and off.fusion_gate() == "none"
+    assert load_config(path, ["fuse.gate=none"]).fusion_gate() == "none"

@@ -231,12 +231,13 @@ class FuseConfig:
         "Where a teacher counts: all aligned positions, or one_to_one = only where its next "
         "token covers exactly the target's next token (elsewhere: fallback or other sources).",
     )
-    gate: Literal["none", "teacher_better", "advantage"] = _f(
-        "none",
+    gate: Literal["auto", "none", "teacher_better", "advantage"] = _f(
+        "auto",
         "Distil only where it teaches something: teacher_better = positions whose fused "
         "teacher is not better (per-byte CE on the block) than the target itself get the "
         "gold one-hot, i.e. plain CLM; advantage = the teacher's share grows with its "
-        "advantage (full at gate_scale). Needs target.as_source.",
+        "advantage (full at gate_scale); both need target.as_source. auto = teacher_better "
+        "when the target is a source, else none. Paper: none.",
     )
     gate_scale: float = _f(
         0.1, "gate: advantage: nats per byte of teacher advantage that earn the full share."
@@ -492,7 +493,7 @@ class PipelineConfig:
         names = [s.resolved_name() for s in self.sources]
         if self.target.model and self.target.as_source:
             names.append(self.target.resolved_name())
-        if self.fuse.gate != "none" and not (self.target.model and self.target.as_source):
+        if self.fuse.gate not in ("none", "auto") and not self.target_is_source():
             raise ConfigError(
                 f"fuse.gate: {self.fuse.gate} compares each teacher with the target's own "
                 "cross-entropy on the block, which needs the target captured as a source; "
@@ -503,6 +504,16 @@ class PipelineConfig:
             raise ConfigError(
                 f"sources: duplicate model names {dup}; give each source a distinct `name`"
             )
+
+    def target_is_source(self) -> bool:
+        """Whether the target's own distribution is captured as a source (#0)."""
+        return bool(self.target.model and self.target.as_source)
+
+    def fusion_gate(self) -> str:
+        """``fuse.gate`` resolved: ``auto`` is teacher_better when the target is a source."""
+        if self.fuse.gate == "auto":
+            return "teacher_better" if self.target_is_source() else "none"
+        return self.fuse.gate
 
     def models(self) -> list[ModelConfig]:
         """Target first (when configured), then the sources: every model of the run."""

@@ -33,7 +33,7 @@ def _fusion_spec(cfg: PipelineConfig) -> FusionSpec:
         avg_weighting=cfg.fuse.avg_weighting,
         avg_temperature=cfg.fuse.avg_temperature,
         positions=cfg.fuse.positions,
-        gate=cfg.fuse.gate,
+        gate=cfg.fusion_gate(),
         gate_scale=cfg.fuse.gate_scale,
         target=cfg.target.resolved_name() if cfg.target.as_source else "",
     )

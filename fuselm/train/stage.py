@@ -318,7 +318,7 @@ def model_card(
             f"- sources: {', '.join(f'`{n}`' for n in teachers)}"
             + (" (the target is source #0)" if cfg.target.as_source else ""),
             f"- fusion: `{cfg.fuse.function}` at {cfg.fuse.level} level, CE per byte; gate "
-            f"`{cfg.fuse.gate}`, positions `{cfg.fuse.positions}`; fallback "
+            f"`{cfg.fusion_gate()}`, positions `{cfg.fuse.positions}`; fallback "
             f"`{cfg.align.fallback}`; alignment "
             f"`{cfg.align.method}`, vocabulary `{cfg.align.vocab}`",
             f"- teacher top-k: {cfg.capture.top_k} per source (fused rows up to "
