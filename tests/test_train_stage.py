@@ -77,7 +77,7 @@ def test_train_stage_end_to_end(aligned, tmp_path):
     fused, control = manifest(run, "fused"), manifest(run, "control")
     st = fused["stats"]
     assert st["steps"] == 4 and st["processes"] == 1 and st["global_batch"] == 2
-    assert st["lambda"] == 0.9 and control["stats"]["lambda"] == 1.0
+    assert st["lambda"] == 0.5 and control["stats"]["lambda"] == 1.0  # the default recipe
     shares = st["fusion"]["selection_share"]
     assert set(shares) == {"tgt", "spm"} and sum(shares.values()) == pytest.approx(1, abs=1e-5)
     assert 0 <= st["fusion"]["fallback_share"] < 1
@@ -93,7 +93,8 @@ def test_train_stage_end_to_end(aligned, tmp_path):
     ids = tok("The quick brown fox", return_tensors="pt")["input_ids"]
     assert torch.isfinite(model(ids).logits).all()
     card = (model_dir / "README.md").read_text()
-    assert "`spm`" in card and "λ = 0.9" in card and "min_ce" in card
+    assert "`spm`" in card and "λ = 0.5" in card and "min_ce" in card
+    assert "tail bucket True" in card and "gate `teacher_better`" in card
     from fuselm.config import load_config
     from fuselm.train.stage import current_components
 
@@ -121,8 +122,8 @@ def test_stale_message_names_the_field(aligned, tmp_path, capsys):
     over = ["eval.control=false"]
     assert main(["-q", "train", "-c", str(cfg), "-o", str(run), *over]) == 0
     assert not (run / "train" / "control").exists()
-    assert main(["-q", "train", "-c", str(cfg), "-o", str(run), "train.clm_weight=0.5", *over]) == 1
-    assert "train.clm_weight: 0.9 -> 0.5" in capsys.readouterr().err
+    assert main(["-q", "train", "-c", str(cfg), "-o", str(run), "train.clm_weight=0.9", *over]) == 1
+    assert "train.clm_weight: 0.5 -> 0.9" in capsys.readouterr().err
 
 
 def test_resume_through_the_stage(aligned, tmp_path, monkeypatch):
