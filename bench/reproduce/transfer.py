@@ -73,16 +73,28 @@ ALT_EXPERT = "e-docs-spm"
 # Fused recipes: overrides of the run config. "paper" is FuseLLM's; the others are the
 # candidates for the chosen recipe (SPEC §6: keep the tail, weight near 0.5, temperature 2,
 # distil only where a teacher knows more).
-PAPER = {"train": {"clm_weight": 0.9, "tail_bucket": False, "temperature": 1.0}}
-CONTROL = {"train": {"clm_weight": 1.0}}
+# Every recipe names the four fields the defaults moved (tail_bucket, clm_weight,
+# temperature, gate), so the experiment means the same thing whatever fuselm's defaults are:
+# RESULTS-transfer.md was measured when they were the paper's (no tail, 0.9, 1.0, none).
+PAPER = {
+    "train": {"clm_weight": 0.9, "tail_bucket": False, "temperature": 1.0},
+    "fuse": {"gate": "none"},
+}
+CONTROL = {
+    "train": {"clm_weight": 1.0, "tail_bucket": False, "temperature": 1.0},
+    "fuse": {"gate": "none"},
+}
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
-    "tail λ=0.5": {"train": {"clm_weight": 0.5, "tail_bucket": True}},
+    "tail λ=0.5": {
+        "train": {"clm_weight": 0.5, "tail_bucket": True, "temperature": 1.0},
+        "fuse": {"gate": "none"},
+    },
     "tail λ=0.5 gated": {
-        "train": {"clm_weight": 0.5, "tail_bucket": True},
+        "train": {"clm_weight": 0.5, "tail_bucket": True, "temperature": 1.0},
         "fuse": {"gate": "teacher_better"},
     },
     "tail λ=0.2 gated": {
-        "train": {"clm_weight": 0.2, "tail_bucket": True},
+        "train": {"clm_weight": 0.2, "tail_bucket": True, "temperature": 1.0},
         "fuse": {"gate": "teacher_better"},
     },
     "tail λ=0.5 T=2 gated": {
@@ -90,7 +102,12 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "fuse": {"gate": "teacher_better"},
     },
     "tail balanced gated": {
-        "train": {"clm_weight": 0.5, "tail_bucket": True, "loss_weighting": "grad_balanced"},
+        "train": {
+            "clm_weight": 0.5,
+            "tail_bucket": True,
+            "temperature": 1.0,
+            "loss_weighting": "grad_balanced",
+        },
         "fuse": {"gate": "teacher_better"},
     },
 }
