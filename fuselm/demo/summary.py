@@ -203,11 +203,14 @@ def closing_note(ver: list[dict[str, Any]], fused_stats: dict[str, Any] | None =
             "bits/byte): " + ", ".join(knew) + ". Fusion can only transfer where this is "
             "clearly positive; elsewhere the gate trains plain CLM.",
         ]
-    if overall["verdict"] != "better":
+    if overall["verdict"] != "better" or not won:
+        # A barely-significant overall gain with no domain of its own is not the result a
+        # user should take away: point to the experiment built to see the effect.
+        where = "overall" if overall["verdict"] != "better" else "on any single domain"
         lines += [
             "",
-            "At this budget the demo cannot show a gain beyond noise. The controlled "
-            "experiment with teachers trained on 20x more text (bench/reproduce/"
+            f"At this budget the demo cannot show a gain beyond noise {where}. The "
+            "controlled experiment with teachers trained on 20x more text (bench/reproduce/"
             "RESULTS-transfer.md, its last line is the headline) measures what fusion "
             "transfers when the teachers know more.",
         ]
