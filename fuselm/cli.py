@@ -421,9 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
             "All fields: configs/reference.yaml. Chat data (FuseChat): jsonl rows with "
             "`messages`; each model's own chat template is applied and prompts are masked. "
             "Fuse-then-merge: fuse.mode=pairwise, then `fuselm merge` (merge.method=sce). "
-            "The teacher's tail: train.tail_bucket=true (temperature on the k ids + rest); "
-            "distil only where a teacher knows more: fuse.gate=teacher_better; paper's "
-            "recipe: configs/paper.yaml."
+            "Default fusion recipe (won on validation, bench/reproduce/RESULTS-transfer.md): "
+            "the teacher's tail kept (train.tail_bucket), λ = train.clm_weight = 0.5, "
+            "train.temperature = 2, fuse.gate = auto (distil only where a teacher knows more); "
+            "the paper's recipe: train.tail_bucket=false train.clm_weight=0.9 "
+            "train.temperature=1 fuse.gate=none (configs/paper.yaml). Watch a run: "
+            "train.eval_every, train.keep_best, train.report_to=[tensorboard]. LoRA: "
+            "train.lora.rank=16 (pip install 'fuselm[lora]')."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
