@@ -42,7 +42,9 @@ class ExpertSpec:
 # Learning rate: a vocabulary transplant moves every embedding of the changed tokens, so
 # these runs use a higher rate than continual pre-training usually does (set before any
 # demo evaluation; nothing here was tuned on the demo's held-out split).
-# Steps: 32 each, the most that keeps the first run under 20 minutes on 2 cores. Chosen
+# Steps: 32 each, meant to keep the first run under 20 minutes on 2 cores at the step time
+# measured on Nov 27 (~7.5 s); on Dec 8 a step took 10.6 s and the first run 27 min (README,
+# "The demo"), so the budget is under review (issue 18). Chosen
 # with bench/demo_expert_budget.py, which scores 16/20/24/32 steps on the demo's
 # *training* blocks (never the held-out ones): the margin over SmolLM2 on its own domain
 # grows from about 0.05 bits/byte at 24 steps to 0.067 (shakespeare-gpt2) and 0.082
