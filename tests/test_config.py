@@ -24,7 +24,7 @@ def test_defaults_are_the_papers_but_the_fusion_recipe():
     assert cfg.train.tail_bucket and cfg.train.temperature_squared
     assert cfg.fuse.gate == "auto"
     # ... and configs/paper.yaml keeps the paper's recipe one file away.
-    paper = yaml.safe_load((Path(__file__).parents[1] / "configs" / "paper.yaml").read_text())
+    paper = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
     assert paper["train"]["clm_weight"] == 0.9 and paper["train"]["temperature"] == 1.0
     assert paper["train"]["tail_bucket"] is False and paper["fuse"]["gate"] == "none"
     assert cfg.capture.top_k == 10

@@ -494,7 +494,7 @@ class PipelineConfig:
             if getattr(self, f.name) is None:
                 setattr(self, f.name, _hints(type(self))[f.name]())
         names = [s.resolved_name() for s in self.sources]
-        if self.target.model and self.target.as_source:
+        if self.target_is_source():
             names.append(self.target.resolved_name())
         if self.fuse.gate not in ("none", "auto") and not self.target_is_source():
             raise ConfigError(
@@ -524,7 +524,7 @@ class PipelineConfig:
 
     def teachers(self) -> list[ModelConfig]:
         """The models whose distributions are captured (target too when ``as_source``)."""
-        own = [self.target] if self.target.model and self.target.as_source else []
+        own = [self.target] if self.target_is_source() else []
         return own + list(self.sources)
 
 
